@@ -1,0 +1,5 @@
+import sys
+
+from ctid.cli import main
+
+sys.exit(main())

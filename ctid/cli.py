@@ -1,0 +1,106 @@
+"""The ``ctid`` command line.
+
+* ``ctid run -c ctid.toml``: the daemon, in the foreground, logging to stdout; SIGTERM
+  or SIGINT stop it cleanly (see ``ctid.app``).
+* ``ctid check-config -c ctid.toml``: validate and print every problem (file, key,
+  reason); exit 0 when valid, 2 when not.
+* ``ctid demo``: the daemon on embedded defaults (SQLite, no MQTT) with the built-in
+  Asterisk simulator acting as the PBX and generating inbound calls.
+* ``ctid db upgrade -c ctid.toml``: apply database migrations and exit.
+* ``ctid version``.
+
+Exit codes: 0 success, 1 runtime failure (e.g. AMI login rejected), 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ctid import __version__
+from ctid.config import Config, ConfigError, load, parse
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctid", description="CTI daemon beside Asterisk")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("-c", "--config", required=True, type=Path, help="TOML config file")
+    check = sub.add_parser("check-config", help="validate a config file and list every problem")
+    check.add_argument("-c", "--config", required=True, type=Path)
+    demo = sub.add_parser("demo", help="run against the built-in Asterisk simulator")
+    demo.add_argument("-c", "--config", type=Path, default=None,
+                      help="optional config; defaults are SQLite and no MQTT")
+    demo.add_argument("--calls", type=int, default=0,
+                      help="stop after this many simulated calls have ended (0: run until stopped)")
+    demo.add_argument("--rate", type=float, default=None, help="simulated calls per minute")
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_sub.add_parser("upgrade", help="apply migrations to the configured database")
+    upgrade.add_argument("-c", "--config", required=True, type=Path)
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def _load_or_report(path: Path) -> Config | None:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"ctid {__version__}")
+        return EXIT_OK
+    if args.command == "check-config":
+        config = _load_or_report(args.config)
+        if config is None:
+            return EXIT_CONFIG
+        print(f"{args.config}: OK ({len(config.tenants)} tenant(s), "
+              f"{len(config.service_lines)} service line(s), {len(config.asterisk)} Asterisk link(s))")
+        return EXIT_OK
+
+    if args.command == "demo":
+        config = _load_or_report(args.config) if args.config else parse({})
+    else:
+        config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
+
+    from ctid import logs
+
+    logs.configure(config.log.level, config.log.format)
+    if args.command == "db":
+        from ctid.store.db import upgrade
+
+        asyncio.run(upgrade(config.database.url))
+        print("database is at the latest schema")
+        return EXIT_OK
+
+    from ctid.app import Daemon, DaemonFailed
+
+    try:
+        if args.command == "demo":
+            from ctid.demo import run_demo
+
+            return asyncio.run(run_demo(config, calls=args.calls, rate=args.rate))
+        return asyncio.run(Daemon(config).run_until_signalled())
+    except DaemonFailed as exc:
+        print(f"ctid: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""ctid configuration: one TOML file, validated with pydantic v2.
+
+The config owns the organisation model that every other part uses:
+
+* **tenants**: a BPO runs several client projects on one ctid; each tenant has a time
+  zone that defines its "today" (for statistics and business hours);
+* **service lines**: each belongs to a tenant and is matched by the DNIS (the number the
+  caller dialled);
+* **asterisk**: one or more AMI links.
+
+Every option has a default, documented in ``ctid.example.toml`` at the repository root
+(keep the two in step: ``tests/test_config.py`` checks that the example loads and that
+every field is mentioned in it). Ids are restricted to ``[A-Za-z0-9_.-]{1,64}`` so they
+are safe in MQTT topics, file names and AMI values.
+
+Secrets can come from the environment, which wins over the file:
+
+* ``CTID_AMI_SECRET`` (all links) or ``CTID_AMI_SECRET_<LINKID>`` (one link, upper-case,
+  ``-`` and ``.`` as ``_``);
+* ``CTID_DB_URL``; ``CTID_MQTT_PASSWORD``.
+
+:func:`load` raises :class:`ConfigError`, whose ``problems`` lists every error found
+(file, dotted key and reason), so ``ctid check-config`` can print them all at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ctid.asterisk.safety import ID_PATTERN
+
+_ID_RE = re.compile(rf"^{ID_PATTERN}$")
+_DNIS_RE = re.compile(r"^(\+?[0-9*#]{1,32}|s)$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
+
+
+def _check_id(value: str) -> str:
+    if not _ID_RE.match(value):
+        raise ValueError("must match [A-Za-z0-9_.-]{1,64}")
+    return value
+
+
+def _check_host(value: str) -> str:
+    if not _HOST_RE.match(value):
+        raise ValueError("must be a host name or an IP address")
+    return value
+
+
+Id = Annotated[str, AfterValidator(_check_id)]
+Host = Annotated[str, AfterValidator(_check_host)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+BindPort = Annotated[int, Field(ge=0, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InstanceConfig(_Section):
+    id: Id = "ctid-1"
+    """Names this ctid in logs and in its MQTT status topic ``ctid/v1/status/{id}``."""
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    """``auto``: pretty on a terminal, JSON lines otherwise."""
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite+aiosqlite:///ctid.db"
+    """SQLAlchemy async URL. SQLite (embedded default) or ``postgresql+asyncpg://``."""
+
+    @field_validator("url")
+    @classmethod
+    def _supported(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+
+class MQTTConfig(_Section):
+    host: str = ""
+    """Broker host. Empty (the default) turns MQTT off; ctid logs that it is off."""
+    port: Port = 1883
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    tls: bool = False
+    ca_file: str = ""
+    topic_prefix: str = "ctid"
+    client_id: str = ""
+    """Empty: derived from the instance id."""
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _check_host(value) if value else value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64})*$", value):
+            raise ValueError("must be slash-separated [A-Za-z0-9_.-] segments, no wildcards")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
+class ListenerConfig(_Section):
+    bind: Host = "127.0.0.1"
+    port: BindPort
+
+
+class HTTPConfig(ListenerConfig):
+    port: BindPort = 8080
+
+
+class AGIConfig(ListenerConfig):
+    port: BindPort = 4573
+    env_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    """Seconds Asterisk has to send the whole ``agi_*`` environment."""
+    hangup_grace: Annotated[float, Field(gt=0, le=30)] = 2.0
+    """After a ``HANGUP`` line, seconds before ctid closes the session anyway (Asterisk
+    keeps the channel alive until the socket closes)."""
+
+
+class AsteriskConfig(_Section):
+    id: Id = "pbx1"
+    host: Host = "127.0.0.1"
+    port: Port = 5038
+    username: str = "ctid"
+    secret: SecretStr = SecretStr("")
+    """AMI secret; ``CTID_AMI_SECRET`` or ``CTID_AMI_SECRET_<ID>`` overrides it."""
+    connect_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    action_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    ping_interval: Annotated[float, Field(gt=0, le=300)] = 10.0
+    ping_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    reconnect_min: Annotated[float, Field(gt=0, le=60)] = 0.5
+    reconnect_max: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_.@-]{1,80}$", value):
+            raise ValueError("must be 1-80 characters of [A-Za-z0-9_.@-]")
+        return value
+
+    @model_validator(mode="after")
+    def _backoff(self) -> AsteriskConfig:
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_max must be >= reconnect_min")
+        return self
+
+
+class TenantConfig(_Section):
+    id: Id
+    name: str = ""
+    timezone: str = "UTC"
+    """IANA zone name; defines the tenant's "today"."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class ServiceLineConfig(_Section):
+    id: Id
+    tenant: Id
+    name: str = ""
+    dnis: list[str] = Field(min_length=1)
+    """Dialled numbers that select this line (exact match; ``s`` for no DNIS)."""
+
+    @field_validator("dnis")
+    @classmethod
+    def _dnis(cls, value: list[str]) -> list[str]:
+        for number in value:
+            if not _DNIS_RE.match(number):
+                raise ValueError(f"DNIS {number!r} must be digits (optionally +, *, #) or 's'")
+        return value
+
+
+class SimulatorConfig(_Section):
+    """The built-in Asterisk simulator used by ``ctid demo``."""
+
+    calls_per_minute: Annotated[float, Field(ge=0, le=60000)] = 30.0
+    time_scale: Annotated[float, Field(gt=0, le=1000)] = 1.0
+
+
+class Config(_Section):
+    instance: InstanceConfig = InstanceConfig()
+    log: LogConfig = LogConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    mqtt: MQTTConfig = MQTTConfig()
+    http: HTTPConfig = HTTPConfig()
+    agi: AGIConfig = AGIConfig()
+    asterisk: list[AsteriskConfig] = Field(default_factory=lambda: [AsteriskConfig()])
+    tenants: list[TenantConfig] = Field(default_factory=lambda: [TenantConfig(id="default")])
+    service_lines: list[ServiceLineConfig] = Field(default_factory=list)
+    simulator: SimulatorConfig = SimulatorConfig()
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        problems: list[str] = []
+        _unique(problems, "asterisk", [a.id for a in self.asterisk])
+        _unique(problems, "tenants", [t.id for t in self.tenants])
+        _unique(problems, "service_lines", [s.id for s in self.service_lines])
+        tenants = {t.id for t in self.tenants}
+        seen: dict[str, str] = {}
+        for i, line in enumerate(self.service_lines):
+            if line.tenant not in tenants:
+                problems.append(f"service_lines[{i}].tenant: unknown tenant {line.tenant!r}")
+            for number in line.dnis:
+                other = seen.setdefault(number, line.id)
+                if other != line.id:
+                    problems.append(
+                        f"service_lines[{i}].dnis: {number!r} is already used by line {other!r}"
+                    )
+        if not self.asterisk:
+            problems.append("asterisk: at least one [[asterisk]] link is required")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def tenant(self, tenant_id: str) -> TenantConfig:
+        for tenant in self.tenants:
+            if tenant.id == tenant_id:
+                return tenant
+        raise KeyError(tenant_id)
+
+    def line_for_dnis(self, dnis: str) -> ServiceLineConfig | None:
+        """The service line whose DNIS list contains ``dnis`` exactly."""
+        for line in self.service_lines:
+            if dnis in line.dnis:
+                return line
+        return None
+
+
+def _unique(problems: list[str], section: str, ids: list[str]) -> None:
+    seen: set[str] = set()
+    for i, ident in enumerate(ids):
+        if ident in seen:
+            problems.append(f"{section}[{i}].id: duplicate id {ident!r}")
+        seen.add(ident)
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.reason}"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every error found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    data = dict(data)
+    if "CTID_DB_URL" in env:
+        data["database"] = {**data.get("database", {}), "url": env["CTID_DB_URL"]}
+    if "CTID_MQTT_PASSWORD" in env:
+        data["mqtt"] = {**data.get("mqtt", {}), "password": env["CTID_MQTT_PASSWORD"]}
+    links = data.get("asterisk")
+    if links is None:
+        links = [{}]
+    if isinstance(links, list):
+        patched = []
+        for link in links:
+            if isinstance(link, dict):
+                link = dict(link)
+                ident = str(link.get("id", "pbx1"))
+                key = "CTID_AMI_SECRET_" + re.sub(r"[^A-Za-z0-9]", "_", ident).upper()
+                if key in env:
+                    link["secret"] = env[key]
+                elif "CTID_AMI_SECRET" in env:
+                    link["secret"] = env["CTID_AMI_SECRET"]
+            patched.append(link)
+        data["asterisk"] = patched
+    return data
+
+
+def parse(data: dict[str, Any], *, source: str = "<config>",
+          env: Mapping[str, str] | None = None) -> Config:
+    """Validate already-parsed TOML data (environment overrides applied first)."""
+    data = _apply_env(data, os.environ if env is None else env)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems: list[Problem] = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if not loc and "; " in msg:
+                problems.extend(_split_model_problems(source, msg))
+            else:
+                problems.append(Problem(source, _dotted(loc), msg))
+        raise ConfigError(problems) from None
+
+
+def _split_model_problems(source: str, msg: str) -> list[Problem]:
+    out = []
+    for part in msg.split("; "):
+        key, _, reason = part.partition(": ")
+        out.append(Problem(source, key, reason))
+    return out
+
+
+def load(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML file. Raises :class:`ConfigError` listing every problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), "(file)", f"cannot read: {exc.strerror}")]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([Problem(str(path), "(file)", "not valid UTF-8")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(str(path), "(syntax)", str(exc))]) from None
+    return parse(data, source=str(path), env=env)
