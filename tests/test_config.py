@@ -87,12 +87,12 @@ def test_unknown_option_is_an_error_not_ignored() -> None:
 
 def test_environment_overrides_secrets() -> None:
     data = {"asterisk": [{"id": "pbx1", "secret": "file"}, {"id": "pbx-2", "secret": "file"}]}
-    config = parse(data, env={"CTID_AMI_SECRET": "all", "CTID_AMI_SECRET_PBX_2": "two",
+    config = parse(data, env={"CTID_AMI_SECRET": "s3cr3t-all", "CTID_AMI_SECRET_PBX_2": "two",
                               "CTID_DB_URL": "postgresql+asyncpg://u@h/db"})
-    assert config.asterisk[0].secret.get_secret_value() == "all"
+    assert config.asterisk[0].secret.get_secret_value() == "s3cr3t-all"
     assert config.asterisk[1].secret.get_secret_value() == "two"
     assert config.database.url == "postgresql+asyncpg://u@h/db"
-    assert "all" not in repr(config)
+    assert "s3cr3t" not in repr(config) and "s3cr3t" not in str(config.model_dump())
 
 
 def test_service_line_is_found_by_dnis() -> None:
