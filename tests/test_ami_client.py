@@ -162,7 +162,7 @@ async def test_utf8_split_across_writes_and_malformed_frames_do_not_break_the_st
     async with running(client):
         await client.wait_logged_in(5)
         peer.write_chunk = 1  # every byte in its own TCP write: ë is split
-        await peer.broadcast(b"Event: Bad\r\nno colon here\r\n\r\n" +
+        await peer.broadcast(b"Bad: frame\r\nno colon here\r\n\r\n" +
                              serialize(Message.event("Newchannel", [("CallerIDName", "Zoë")])))
         await _until(lambda: any(e.name == "Newchannel" for e in events))
         assert next(e for e in events if e.name == "Newchannel")["CallerIDName"] == "Zoë"

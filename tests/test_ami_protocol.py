@@ -94,10 +94,13 @@ def test_invalid_utf8_is_reported_and_the_stream_continues() -> None:
     assert isinstance(items[1], Message) and items[1].name == "Y"
 
 
-def test_line_without_colon_and_unknown_type_are_malformed() -> None:
+def test_line_without_colon_is_a_defect_and_unknown_type_is_malformed() -> None:
     parser = AMIParser(expect_greeting=False)
-    items = parser.feed(b"Event: X\r\ngarbage line\r\n\r\nFoo: bar\r\n\r\nEvent: Z\r\n\r\n")
-    assert [type(i) for i in items] == [Malformed, Malformed, Message]
+    items = parser.feed(b"Event: X\r\ngarbage line\r\nA: b\r\n\r\nFoo: bar\r\n\r\nEvent: Z\r\n\r\n")
+    assert [type(i) for i in items] == [Message, Malformed, Message]
+    first = items[0]
+    assert isinstance(first, Message)
+    assert first["A"] == "b" and "garbage line" in first.defects[0]
     assert "unknown message type" in items[1].reason  # type: ignore[union-attr]
 
 

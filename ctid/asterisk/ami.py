@@ -332,6 +332,9 @@ class AMIClient:
         except Exception:
             # A consumer bug must not kill the link; it is logged with the event name.
             log.exception("ami.event_consumer_failed", link=self.name, event=passthrough.name)
+        if passthrough.parsed and passthrough.defects:
+            log.warning("ami.malformed_header", link=self.name, event=passthrough.name,
+                        defects=passthrough.defects)
 
     def _drop_link(self, reason: str) -> None:
         if self.state is not LinkState.FAILED:

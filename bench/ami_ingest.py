@@ -1,0 +1,229 @@
+"""AMI ingest benchmark: panoramisk's parser vs ctid's parser vs ctid's parser + call model.
+
+The stream is synthetic but built from the real capture shapes: every event block is
+copied from ``tests/fixtures/asterisk22/04-queue-support-answered.ami`` (a queue call
+answered by an agent), with the channel names, Uniqueids and Linkedids renamed per
+synthetic call and a ``ChanVariable: CTID_CALL_ID=...`` line after ``Linkedid:`` as
+``asterisk-conf/manager.conf`` configures. Calls overlap (50 in flight), and the mix
+follows a real 20 calls/s capture: VarSet 40 %, CEL 16 %, Newexten 4 %,
+DeviceStateChange 3 %, QueueMemberStatus 3 %, the rest call-lifecycle events.
+
+Three runs over the same bytes, in 64 KiB chunks, best of three each:
+  (a) panoramisk 1.4 ``AMIProtocol.data_received`` with a ``Manager`` dispatching every
+      event to a callback (the baseline the project brief named);
+  (b) ctid ``AMIParser`` + ``ActionTracker`` + a dispatch callback;
+  (c) (b) with ``CallModel.feed`` as the callback.
+Then, in a child process, the RSS of ctid's parser + model holding 1,000 concurrent calls.
+
+Run: ``.venv/bin/python bench/ami_ingest.py [--events 200000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ctid.asterisk.ami_protocol import ActionTracker, AMIParser, Message  # noqa: E402
+from ctid.calls import CallModel  # noqa: E402
+
+CAPTURE = ROOT / "tests" / "fixtures" / "asterisk22" / "04-queue-support-answered.ami"
+MIX = {"VarSet": 0.40, "CEL": 0.16, "Newexten": 0.04, "DeviceStateChange": 0.03, "QueueMemberStatus": 0.03}
+SKIP = {"FullyBooted", "SuccessfulAuth", "QueueParams", "QueueMember", "QueueStatusComplete", "RTCPSent",
+        "ExtensionStatus", "Cdr"}
+CHUNK = 65536
+
+
+def _templates() -> tuple[list[bytes], dict[str, list[bytes]]]:
+    data = CAPTURE.read_bytes()
+    blocks = data.split(b"\r\n", 1)[1].split(b"\r\n\r\n")
+    lifecycle: list[bytes] = []
+    fillers: dict[str, list[bytes]] = {name: [] for name in MIX}
+    for block in blocks:
+        if not block.startswith(b"Event: "):
+            continue
+        name = block[7:block.index(b"\r\n")].decode()
+        if name in SKIP:
+            continue
+        if name in fillers:
+            fillers[name].append(block)
+        else:
+            lifecycle.append(block)
+    return lifecycle, fillers
+
+
+def _rename(block: bytes, call: int) -> bytes:
+    text = block.decode()
+    text = re.sub(r"(\d{10})\.(\d+)", lambda m: f"{1800000000 + call}.{m.group(2)}", text)
+    text = re.sub(r"-([0-9a-f]{8})\b", lambda m: f"-{call:08x}", text)
+    value = f"c{call}"
+    empty = text.startswith("Event: Newchannel\r\n") or text.startswith("Event: VarSet\r\n")
+    text = re.sub(r"(Linkedid: [^\r]*\r\n)", lambda m: m.group(1) + "ChanVariable: CTID_CALL_ID="
+                  + ("" if empty else value) + "\r\n", text)
+    return text.encode()
+
+
+def build_stream(target_events: int, seed: int = 7) -> tuple[bytes, int, float]:
+    rng = random.Random(seed)
+    lifecycle, fillers = _templates()
+    per_call_total = len(lifecycle) / (1 - sum(MIX.values()))
+    counts = {name: round(share * per_call_total) for name, share in MIX.items()}
+    calls: list[list[bytes]] = []
+    n_events = 0
+    call = 0
+    while n_events < target_events:
+        events = list(lifecycle)
+        for name, count in counts.items():
+            for _ in range(count):
+                events.insert(rng.randint(1, len(events) - 1), rng.choice(fillers[name]))
+        calls.append([_rename(b, call) for b in events])
+        n_events += len(events)
+        call += 1
+    # Interleave: 50 calls in flight, round-robin.
+    out: list[bytes] = []
+    active: list[list[bytes]] = []
+    pending = iter(calls)
+    for _ in range(50):
+        nxt = next(pending, None)
+        if nxt is not None:
+            active.append(nxt)
+    while active:
+        for events in list(active):
+            out.append(events.pop(0))
+            if not events:
+                active.remove(events)
+                nxt = next(pending, None)
+                if nxt is not None:
+                    active.append(nxt)
+    headers = sum(block.count(b"\r\n") + 1 for block in out) / len(out)
+    stream = b"Asterisk Call Manager/11.0.0\r\n" + b"".join(b + b"\r\n\r\n" for b in out)
+    return stream, len(out), headers
+
+
+def run_panoramisk(stream: bytes) -> int:
+    from panoramisk import Manager
+    from panoramisk.ami_protocol import AMIProtocol
+
+    loop = asyncio.new_event_loop()
+    try:
+        manager = Manager(loop=loop)
+        seen = [0]
+
+        def on_event(_manager: object, _event: object) -> None:
+            seen[0] += 1
+
+        manager.register_event("*", on_event)
+        protocol = AMIProtocol()
+
+        class _Transport:
+            def write(self, data: bytes) -> None:
+                pass
+
+        protocol.connection_made(_Transport())  # type: ignore[arg-type]
+        protocol.factory = manager
+        for i in range(0, len(stream), CHUNK):
+            protocol.data_received(stream[i:i + CHUNK])
+        return seen[0]
+    finally:
+        loop.close()
+
+
+def run_ctid(stream: bytes, on_event: Callable[[Message], object] | None) -> int:
+    parser = AMIParser()
+    tracker = ActionTracker()
+    seen = 0
+    for i in range(0, len(stream), CHUNK):
+        for item in parser.feed(stream[i:i + CHUNK]):
+            if type(item) is Message:
+                _, passthrough = tracker.feed(item)
+                if passthrough is not None:
+                    seen += 1
+                    if on_event is not None:
+                        on_event(passthrough)
+    return seen
+
+
+def _best(fn: Callable[[], int], repeat: int = 3) -> tuple[float, int]:
+    best = float("inf")
+    count = 0
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        count = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, count
+
+
+def _clock() -> datetime:
+    return datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def rss_child(calls: int) -> None:
+    """Hold ``calls`` concurrent calls in parser + model; print VmRSS in MB."""
+    lifecycle, _ = _templates()
+    # Up to (not including) the first HangupRequest: the call is connected and still up.
+    cut = next(i for i, b in enumerate(lifecycle) if b.startswith(b"Event: HangupRequest"))
+    parser = AMIParser()
+    model = CallModel(_clock)
+    parser.feed(b"Asterisk Call Manager/11.0.0\r\n")
+    for call in range(calls):
+        chunk = b"".join(_rename(b, call) + b"\r\n\r\n" for b in lifecycle[:cut])
+        for item in parser.feed(chunk):
+            if type(item) is Message:
+                model.feed(item)
+    active = len(model.calls)
+    gc.collect()
+    rss_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                  if line.startswith("VmRSS:"))
+    print(f"{active} {rss_kb / 1024:.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child)
+        return
+
+    stream, n_events, headers = build_stream(args.events)
+    print(f"stream: {n_events} events, {len(stream) / 1e6:.1f} MB, {headers:.1f} header lines per event")
+    t_a, seen_a = _best(lambda: run_panoramisk(stream))
+    t_b, seen_b = _best(lambda: run_ctid(stream, lambda m: None))
+
+    def with_model() -> int:
+        model = CallModel(_clock)
+        return run_ctid(stream, model.feed)
+
+    t_c, seen_c = _best(with_model)
+    rate_a, rate_b, rate_c = seen_a / t_a, seen_b / t_b, seen_c / t_c
+    print(f"(a) panoramisk parser + dispatch : {rate_a:>10,.0f} events/s ({seen_a} events)")
+    print(f"(b) ctid parser + dispatch       : {rate_b:>10,.0f} events/s ({seen_b} events)  {rate_b / rate_a:.2f}x (a)")
+    print(f"(c) ctid parser + call model     : {rate_c:>10,.0f} events/s ({seen_c} events)  {rate_c / rate_a:.2f}x (a)")
+
+    out = subprocess.run([sys.executable, __file__, "--rss-child", "1000"], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split()
+    active, rss = int(out[0]), float(out[1])
+    print(f"RSS with {active} concurrent calls in parser + model: {rss:.1f} MB")
+
+    ratio = rate_c / rate_a
+    print(f"RESULT ami_ingest_ratio value={ratio:.2f} unit=x target=>=3 status={'met' if ratio >= 3 else 'missed'}")
+    print(f"RESULT ami_ingest_rate value={rate_c:.0f} unit=events/s target=>=150000 "
+          f"status={'met' if rate_c >= 150000 else 'missed'}")
+    print(f"RESULT rss_1000_calls_mb value={rss:.1f} unit=MB target=<=250 status={'met' if rss <= 250 else 'missed'}")
+
+
+if __name__ == "__main__":
+    main()
