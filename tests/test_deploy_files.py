@@ -283,8 +283,9 @@ class Walk:
     variables: dict[str, str]
 
 
-def walk(dp: Dialplan, context: str, dialled: str, agistatus: str) -> Walk:
-    """Run the dialplan for a call to ``dialled``; every AGI() returns ``agistatus``."""
+def walk(dp: Dialplan, context: str, dialled: str, agistatus: str, route: str | None = None) -> Walk:
+    """Run the dialplan for a call to ``dialled``; every AGI() returns ``agistatus``
+    and, when ``route`` is given, sets CTID_ROUTE as ctid's inbound script does."""
     variables = dict(dp.globals)
     exten = find_exten(dp, context, dialled)
     index = 0
@@ -302,6 +303,8 @@ def walk(dp: Dialplan, context: str, dialled: str, agistatus: str) -> Walk:
             return Walk(apps, step.app, variables)
         if step.app == "AGI":
             variables["AGISTATUS"] = agistatus
+            if route is not None:
+                variables["CTID_ROUTE"] = route
         elif step.app == "Set":
             name, _, value = args.partition("=")
             variables[name.lstrip("_")] = value
@@ -392,11 +395,18 @@ def test_unexpected_agi_status_also_fails_open(status: str) -> None:
     assert walk(load_dialplan(), "ctid-inbound", "100", agistatus=status).end == "Queue"
 
 
-@pytest.mark.parametrize("status", ["SUCCESS", "HANGUP"])
-def test_agi_that_ran_ends_in_hangup_not_in_the_fallback(status: str) -> None:
-    result = walk(load_dialplan(), "ctid-inbound", "+442071234567", agistatus=status)
+@pytest.mark.parametrize(("status", "route"), [("SUCCESS", "release"), ("HANGUP", None), ("HANGUP", "")])
+def test_caller_hangup_or_ctid_release_ends_in_hangup_not_in_the_fallback(status: str, route: str | None) -> None:
+    result = walk(load_dialplan(), "ctid-inbound", "+442071234567", agistatus=status, route=route)
     assert result.end == "Hangup", result.apps
     assert all(app != "Queue" for app, _ in result.apps)
+
+
+@pytest.mark.parametrize("route", [None, "", "fallback"])
+def test_ctid_closing_without_release_fails_open(route: str | None) -> None:
+    # ctid crashed mid-session (no CTID_ROUTE), or chose the native queue.
+    result = walk(load_dialplan(), "ctid-inbound", "100", agistatus="SUCCESS", route=route)
+    assert result.end == "Queue", result.apps
 
 
 def test_fallback_context_queues_then_hangs_up() -> None:
