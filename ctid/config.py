@@ -47,19 +47,19 @@ from pydantic import (
 
 from ctid.asterisk.safety import ID_PATTERN
 
-_ID_RE = re.compile(rf"^{ID_PATTERN}$")
+_ID_RE = re.compile(ID_PATTERN)
 _DNIS_RE = re.compile(r"^(\+?[0-9*#]{1,32}|s)$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 
 
 def _check_id(value: str) -> str:
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         raise ValueError("must match [A-Za-z0-9_.-]{1,64}")
     return value
 
 
 def _check_host(value: str) -> str:
-    if not _HOST_RE.match(value):
+    if not _HOST_RE.fullmatch(value):
         raise ValueError("must be a host name or an IP address")
     return value
 
@@ -117,7 +117,7 @@ class MQTTConfig(_Section):
     @field_validator("topic_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64})*$", value):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64})*", value):
             raise ValueError("must be slash-separated [A-Za-z0-9_.-] segments, no wildcards")
         return value
 
@@ -161,7 +161,7 @@ class AsteriskConfig(_Section):
     @field_validator("username")
     @classmethod
     def _username(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9_.@-]{1,80}$", value):
+        if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,80}", value):
             raise ValueError("must be 1-80 characters of [A-Za-z0-9_.@-]")
         return value
 
@@ -203,7 +203,7 @@ class ServiceLineConfig(_Section):
     @classmethod
     def _dnis(cls, value: list[str]) -> list[str]:
         for number in value:
-            if not _DNIS_RE.match(number):
+            if not _DNIS_RE.fullmatch(number):
                 raise ValueError(f"DNIS {number!r} must be digits (optionally +, *, #) or 's'")
         return value
 

@@ -133,3 +133,9 @@ def test_version_cli() -> None:
 
     result = _run_cli("version")
     assert result.returncode == 0 and result.stdout.strip() == f"ctid {__version__}"
+
+
+def test_ids_with_a_trailing_newline_are_rejected() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"tenants": [{"id": "acme\n"}]}, env={})
+    assert info.value.problems[0].key == "tenants[0].id"
