@@ -35,12 +35,22 @@ def configure(level: str = "info", fmt: Format = "auto", stream: TextIO | None =
     else:
         shared.append(structlog.processors.format_exc_info)
         renderer = structlog.processors.JSONRenderer()
+    threshold = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[*shared, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    # Libraries that use the standard logging module (aiohttp, sqlalchemy, alembic).
-    logging.basicConfig(stream=stream, level=max(logging.INFO, logging.getLevelNamesMapping()[level.upper()]),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+    # Libraries that log through the standard logging module (aiohttp, sqlalchemy,
+    # alembic) go through the same renderer, so stdout stays one format.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(threshold)
+    # Alembic narrates every migration step at INFO; ctid logs the outcome itself.
+    logging.getLogger("alembic").setLevel(max(threshold, logging.WARNING))
