@@ -74,6 +74,7 @@ class CallRecorder:
         self._interval = interval
         self._max_pending = max_pending
         self._dirty: dict[str, Call] = {}
+        self._writing = 0
         self._wake = asyncio.Event()
         self.written = 0
         self.dropped = 0
@@ -82,7 +83,8 @@ class CallRecorder:
 
     @property
     def pending(self) -> int:
-        return len(self._dirty)
+        """Calls whose latest state is not in the database yet (queued or being written)."""
+        return len(self._dirty) + self._writing
 
     def mark(self, call: Call) -> None:
         self._dirty.pop(call.call_id, None)
@@ -115,6 +117,7 @@ class CallRecorder:
     async def flush(self) -> bool:
         """Write everything dirty; True when all of it was written."""
         batch, self._dirty = self._dirty, {}
+        self._writing = len(batch)
         for n, call in enumerate(batch.values()):
             try:
                 await self._store.upsert_call(call.to_record())
@@ -122,6 +125,7 @@ class CallRecorder:
                 rest = dict(list(batch.items())[n:])
                 rest.update(self._dirty)
                 self._dirty = rest
+                self._writing = 0
                 self.failures += 1
                 reason = f"{type(exc).__name__}: {exc}"
                 if reason != self.last_error:
@@ -129,6 +133,7 @@ class CallRecorder:
                 self.last_error = reason
                 return False
             self.written += 1
+            self._writing -= 1
         if self.last_error is not None:
             log.info("store.recovered", written=self.written)
             self.last_error = None

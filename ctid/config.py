@@ -212,7 +212,9 @@ class SimulatorConfig(_Section):
     """The built-in Asterisk simulator used by ``ctid demo``."""
 
     calls_per_minute: Annotated[float, Field(ge=0, le=60000)] = 30.0
-    time_scale: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    time_scale: Annotated[float, Field(gt=0, le=100)] = 1.0
+    """Real seconds per simulated second: 0.1 runs the simulator's timers (rings,
+    waits, hold music) ten times faster than real time."""
 
 
 class Config(_Section):

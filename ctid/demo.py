@@ -114,7 +114,7 @@ async def _generate(sim: object, config: Config, per_minute: float, limit: int, 
         if interval is None:
             break
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval / config.simulator.time_scale)
+            await asyncio.wait_for(stop.wait(), interval * config.simulator.time_scale)
     # Wait for the calls in flight to finish (bounded).
     with contextlib.suppress(TimeoutError):
         await sim.wait_idle(timeout=60)

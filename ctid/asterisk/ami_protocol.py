@@ -171,6 +171,12 @@ class Message:
     def parsed(self) -> bool:
         return self._headers is not None
 
+    def may_contain(self, text: str) -> bool:
+        """A cheap pre-filter that never splits the headers: False only when ``text``
+        appears nowhere in the message as received. Messages built in code answer True."""
+        raw = self._raw
+        return raw is None or text in raw
+
     @classmethod
     def event(cls, name: str, fields: Iterable[tuple[str, str]] = ()) -> Message:
         return cls(MessageKind.EVENT, [("Event", name), *fields])

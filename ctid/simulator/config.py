@@ -1,0 +1,113 @@
+"""Configuration objects of the simulator: scripted endpoints and native queues.
+
+Defaults mirror the reference instance of the captures (``asterisk-conf-used/``):
+endpoint ``trunk`` (context ``from-trunk``), ``agent1001``..``agent1004`` (context
+``from-agents``, caller id ``"Agent 100N" <100N>``) that ring 1 s and answer, and the
+queues ``support`` (rrmemory, 1001+1002, timeout 15, retry 2) and ``sales`` (ringall,
+1003, timeout 10, retry 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """A scripted SIP endpoint: how it behaves when the simulator dials it.
+
+    ``ring_s``: seconds of ringing before it answers; ``answer=False`` rings until the
+    caller gives up (the ring-no-answer UAS of 05); ``busy``: answers 486 at once;
+    ``unreachable``: nothing listens (06d); ``hangup_after``: the endpoint hangs up this
+    many seconds after answering (04b, 17).
+    """
+
+    name: str
+    context: str = "from-agents"
+    callerid_num: str = ""
+    callerid_name: str = ""
+    ring_s: float = 1.0
+    answer: bool = True
+    busy: bool = False
+    unreachable: bool = False
+    hangup_after: float | None = None
+
+
+@dataclass(slots=True)
+class QueueMember:
+    interface: str  # "PJSIP/agent1001"
+    name: str = ""
+    penalty: int = 0
+    paused: bool = False
+    paused_reason: str = ""
+    calls_taken: int = 0
+    last_call: int = 0
+    membership: str = "static"
+
+
+@dataclass(slots=True)
+class QueueConfig:
+    name: str
+    strategy: str = "ringall"
+    timeout: float = 15.0
+    retry: float = 5.0
+    wrapuptime: float = 0.0
+    musicclass: str = "default"
+    members: list[QueueMember] = field(default_factory=list)
+    completed: int = 0
+    abandoned: int = 0
+    rr_next: int = 0
+
+
+def default_endpoints() -> dict[str, Endpoint]:
+    eps = {"trunk": Endpoint("trunk", context="from-trunk", ring_s=1.0, hangup_after=None)}
+    for n in (1001, 1002, 1003, 1004, 2001):
+        eps[f"agent{n}"] = Endpoint(f"agent{n}", callerid_num=str(n), callerid_name=f"Agent {n}")
+    return eps
+
+
+def default_queues() -> dict[str, QueueConfig]:
+    return {
+        "support": QueueConfig(
+            "support", strategy="rrmemory", timeout=15, retry=2,
+            members=[QueueMember("PJSIP/agent1001", "Agent 1001"),
+                     QueueMember("PJSIP/agent1002", "Agent 1002")],
+        ),
+        "sales": QueueConfig(
+            "sales", strategy="ringall", timeout=10, retry=2,
+            members=[QueueMember("PJSIP/agent1003", "Agent 1003")],
+        ),
+    }
+
+
+def load_queues_conf(path: str | Path) -> dict[str, QueueConfig]:
+    """Read a ``queues.conf``: ``[name]`` sections with strategy/timeout/retry/
+    wrapuptime/musicclass and ``member => iface,penalty,name,stateiface`` lines."""
+    queues: dict[str, QueueConfig] = {}
+    current: QueueConfig | None = None
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.split(";", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            name = line[1:line.index("]")]
+            current = None if name == "general" else queues.setdefault(name, QueueConfig(name))
+            continue
+        if current is None:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip()
+        value = value.lstrip(">").strip()
+        if key == "member":
+            parts = [p.strip() for p in value.split(",")]
+            current.members.append(QueueMember(
+                parts[0], parts[2] if len(parts) > 2 and parts[2] else parts[0],
+                int(parts[1]) if len(parts) > 1 and parts[1] else 0))
+        elif key == "strategy":
+            current.strategy = value
+        elif key in ("timeout", "retry", "wrapuptime"):
+            setattr(current, key, float(value))
+        elif key == "musicclass":
+            current.musicclass = value
+    return queues

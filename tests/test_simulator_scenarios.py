@@ -1,0 +1,329 @@
+"""The simulator checked against the real Asterisk 22 captures, scenario by scenario.
+
+Each test loads the capture's own dialplan (``asterisk-conf-used/``), drives the same
+call and sends the same actions as the capture's ``.sent.txt`` (channel names mapped
+by role), records every byte of one AMI session on a real socket, and compares the
+call-lifecycle events with the capture. CEL, Cdr, RTCP, VarSet, Newexten,
+DeviceStateChange, ExtensionStatus, QueueMemberStatus, NewConnectedLine and NewCallerid
+are ignored (their timing varies). Channel names and bridge ids are compared by role
+(``trunk#1``, ``agent1001#1``, ``bridge#1`` in order of first appearance).
+
+Two comparisons are made: the sequence of events *per channel* (and per bridge) must be
+equal, and the *global* order too for the scenarios listed in ``GLOBAL_ORDER``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from ctid.asterisk.ami_protocol import AMIParser, Message
+from ctid.simulator import Endpoint, Simulator
+from ctid.simulator.config import default_endpoints
+
+FIXTURES = Path(__file__).parent / "fixtures" / "asterisk22"
+CONF = FIXTURES / "asterisk-conf-used"
+SCALE = 0.01
+
+LIFECYCLE = {
+    "Newchannel", "Newstate", "DialBegin", "DialState", "DialEnd", "BridgeCreate", "BridgeEnter",
+    "BridgeLeave", "BridgeDestroy", "HangupRequest", "SoftHangupRequest", "Hangup",
+    "QueueCallerJoin", "QueueCallerLeave", "QueueCallerAbandon", "AgentCalled", "AgentConnect",
+    "AgentComplete", "AgentRingNoAnswer", "MusicOnHoldStart", "MusicOnHoldStop", "OriginateResponse",
+}
+KEYS = ("ChannelState", "Context", "Exten", "Priority", "DialStatus", "Queue", "Position", "Reason",
+        "Response")
+CHAN_RE = re.compile(r"PJSIP/([A-Za-z0-9+]+)-[0-9a-f]{8}")
+
+
+def parse_capture(path: Path) -> list[Message]:
+    assert path.is_file(), f"missing capture fixture {path}"
+    parser = AMIParser()
+    return [m for m in parser.feed(path.read_bytes()) if isinstance(m, Message)]
+
+
+class Roles:
+    """Name channels and bridges by role, in order of first appearance."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+        self.counts: dict[str, int] = {}
+
+    def of(self, name: str | None) -> str:
+        if not name:
+            return ""
+        if name not in self.names:
+            m = CHAN_RE.fullmatch(name)
+            base = m.group(1) if m else ("bridge" if re.fullmatch(r"[0-9a-f-]{36}", name) else name)
+            self.counts[base] = self.counts.get(base, 0) + 1
+            self.names[name] = f"{base}#{self.counts[base]}"
+        return self.names[name]
+
+
+def lifecycle(messages: list[Message]) -> list[tuple[str, ...]]:
+    roles = Roles()
+    out: list[tuple[str, ...]] = []
+    for m in messages:
+        if not m.is_event or m.name not in LIFECYCLE or (m.get("ActionID") and m.name != "OriginateResponse"):
+            continue
+        chan = roles.of(m.get("Channel") or m.get("DestChannel"))
+        dest = roles.of(m.get("DestChannel")) if m.get("Channel") else ""
+        bridge = roles.of(m.get("BridgeUniqueid"))
+        fields = [f"{k}={m.get(k)}" for k in KEYS if m.get(k) is not None]
+        if m.name == "Hangup":
+            fields.append(f"Cause={m.get('Cause')}")
+        out.append((m.name, chan, dest, bridge, *fields))
+    return out
+
+
+def by_channel(events: list[tuple[str, ...]]) -> dict[str, list[tuple[str, ...]]]:
+    out: dict[str, list[tuple[str, ...]]] = {}
+    for ev in events:
+        for key in {ev[1], ev[3]} - {""}:
+            out.setdefault(key, []).append(ev)
+    return out
+
+
+class Recorder:
+    """One AMI session on the simulator: records every byte, sends actions."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.data = bytearray()
+        self.parser = AMIParser()
+        self.messages: list[Message] = []
+        self._new = asyncio.Event()
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.sim.ami_port)
+        self.task = asyncio.create_task(self._read())
+        self.send(b"Action: Login\r\nActionID: ctiref-001\r\nUsername: ctid\r\nSecret: ctidpass\r\nEvents: on\r\n\r\n")
+        await self.wait_for(lambda m: m.name == "SuccessfulAuth")
+
+    async def _read(self) -> None:
+        while True:
+            chunk = await self.reader.read(65536)
+            if not chunk:
+                break
+            self.data += chunk
+            for item in self.parser.feed(chunk):
+                if isinstance(item, Message):
+                    self.messages.append(item)
+            self._new.set()
+
+    def send(self, raw: bytes) -> None:
+        self.writer.write(raw)
+
+    async def wait_for(self, pred: Callable[[Message], bool], timeout: float = 10.0, start: int = 0) -> Message:
+        async def scan() -> Message:
+            i = start
+            while True:
+                while i < len(self.messages):
+                    if pred(self.messages[i]):
+                        return self.messages[i]
+                    i += 1
+                self._new.clear()
+                await self._new.wait()
+
+        return await asyncio.wait_for(scan(), timeout)
+
+    async def event(self, name: str, **match: str) -> Message:
+        return await self.wait_for(lambda m: m.is_event and m.name == name
+                                   and all(m.get(k) == v for k, v in match.items()))
+
+    async def logoff(self) -> None:
+        self.send(b"Action: Logoff\r\nActionID: ctiref-999\r\n\r\n")
+        await asyncio.wait_for(self.task, 5.0)
+
+
+def sent_actions(path: Path) -> list[str]:
+    assert path.is_file(), f"missing capture fixture {path}"
+    text = path.read_text()
+    return [b.strip() for b in text.split("\n\n") if b.strip()]
+
+
+def action_bytes(block: str, chan_map: dict[str, str]) -> bytes:
+    for cap, simname in chan_map.items():
+        block = block.replace(cap, simname)
+    return (block.replace("\n", "\r\n") + "\r\n\r\n").encode()
+
+
+def channel_map(capture: list[Message], sim: Simulator) -> dict[str, str]:
+    """Capture channel name -> simulator channel name, by role."""
+    cap_roles, sim_roles = Roles(), Roles()
+    for m in capture:
+        if m.name == "Newchannel":
+            cap_roles.of(m.get("Channel"))
+    for m in sim.events:
+        if m.name == "Newchannel":
+            sim_roles.of(m.get("Channel"))
+    by_role = {role: name for name, role in sim_roles.names.items()}
+    return {name: by_role[role] for name, role in cap_roles.names.items() if role in by_role}
+
+
+Driver = Callable[[Simulator, Recorder, list[str], list[Message]], Awaitable[None]]
+
+
+async def run_scenario(prefix: str, dialplans: list[Path], driver: Driver, *,
+                       channelvars: tuple[str, ...] = (), endpoints: dict[str, Endpoint] | None = None,
+                       ) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]], Simulator]:
+    ami = sorted(FIXTURES.glob(f"{prefix}-*.ami"))
+    assert ami, f"missing capture {prefix}"
+    capture = parse_capture(ami[0])
+    actions = sent_actions(ami[0].with_suffix(".sent.txt"))
+    sim = Simulator(dialplan=dialplans, time_scale=SCALE, channelvars=channelvars,
+                    endpoints=endpoints, strict=False)
+    await sim.start()
+    rec = Recorder(sim)
+    try:
+        await rec.open()
+        await driver(sim, rec, actions, capture)
+        await sim.wait_idle(timeout=20)
+        await asyncio.sleep(0.05)
+        await rec.logoff()
+    finally:
+        await sim.stop()
+    assert not sim.errors, sim.errors
+    assert rec.data.startswith(b"Asterisk Call Manager/11.0.0\r\nResponse: Success\r\n")
+    return lifecycle(capture), lifecycle(rec.messages), sim
+
+
+def assert_same(expected: list[tuple[str, ...]], got: list[tuple[str, ...]], global_order: bool) -> None:
+    exp_ch, got_ch = by_channel(expected), by_channel(got)
+    assert sorted(exp_ch) == sorted(got_ch)
+    for key in exp_ch:
+        assert got_ch[key] == exp_ch[key], f"events of {key} differ"
+    if global_order:
+        assert got == expected
+
+
+MAIN = [CONF / "extensions.conf"]
+CTI = [CONF / "extensions.conf", CONF / "extensions_cti.conf"]
+CV = ("CTID_CALL_ID", "CTID_QUEUE")
+
+
+async def send_action(rec: Recorder, actions: list[str], index: int, sim: Simulator,
+                      capture: list[Message]) -> Message:
+    block = actions[index]
+    aid = re.search(r"ActionID: (\S+)", block)
+    start = len(rec.messages)
+    rec.send(action_bytes(block, channel_map(capture, sim)))
+    assert aid is not None
+    return await rec.wait_for(lambda m: m.is_response and m.get("ActionID") == aid.group(1), start=start)
+
+
+def endpoints_with(**changes: dict[str, object]) -> dict[str, Endpoint]:
+    eps = default_endpoints()
+    for name, attrs in changes.items():
+        for k, v in attrs.items():
+            setattr(eps[name], k, v)
+    return eps
+
+
+# -- drivers ---------------------------------------------------------------------------------
+
+async def drive_02(sim: Simulator, rec: Recorder, actions: list[str], cap: list[Message]) -> None:
+    sim.inbound_call(dnis="200", caller="+15551230001", hangup_after=6)
+
+
+async def drive_03(sim: Simulator, rec: Recorder, actions: list[str], cap: list[Message]) -> None:
+    # A tiny FastAGI server replaying the server side of agi/03-fastagi-session.agi.
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while (await r.readline()).strip():
+            pass
+        for cmd in ["ANSWER", "EXEC Playback beep", "GET DATA beep 6000 3", "GET VARIABLE CALLERID(num)",
+                    'GET FULL VARIABLE "${CHANNEL}/${UNIQUEID}"', 'VERBOSE "ctiref fastagi routing to support" 1',
+                    "SET VARIABLE ROUTE_TO support", 'SET VARIABLE AGI_DIGITS "123"', "CHANNEL STATUS",
+                    "NOOP ctiref-done"]:
+            w.write(cmd.encode() + b"\n")
+            await r.readline()
+        w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    sim.pbx.agi_address = ("127.0.0.1", server.sockets[0].getsockname()[1])
+    sim.inbound_call(dnis="300", caller="+15551230001", dtmf="123", dtmf_after=1.5)
+    await rec.event("Hangup")
+    server.close()
+
+
+async def drive_04(sim: Simulator, rec: Recorder, actions: list[str], cap: list[Message]) -> None:
+    sim.inbound_call(dnis="400", caller="+15551230001", hangup_after=10)
+    await rec.event("BridgeEnter", Channel="PJSIP/trunk-00000000")
+    await send_action(rec, actions, 1, sim, cap)  # QueueStatus
+
+
+async def drive_05(sim: Simulator, rec: Recorder, actions: list[str], cap: list[Message]) -> None:
+    sim.inbound_call(dnis="500", caller="+15551230001", hangup_after=14.5)
+
+
+async def drive_06(sim: Simulator, rec: Recorder, actions: list[str], cap: list[Message]) -> None:
+    await send_action(rec, actions, 1, sim, cap)  # Originate
+    await rec.event("BridgeEnter", Channel="PJSIP/agent1001-00000000")
+    await send_action(rec, actions, 2, sim, cap)  # MixMonitor
+    await send_action(rec, actions, 3, sim, cap)  # StopMixMonitor
+    await send_action(rec, actions, 4, sim, cap)  # Redirect agent1002 -> 1003
+    await rec.event("BridgeEnter", Channel="PJSIP/agent1002-00000001")
+    await asyncio.sleep(0.02)
+    await send_action(rec, actions, 5, sim, cap)  # Hangup agent1003
+
+
+async def drive_06b(sim: Simulator, rec: Recorder, actions: list[str], cap: list[Message]) -> None:
+    await send_action(rec, actions, 1, sim, cap)  # Originate with ChannelId
+    await rec.event("BridgeEnter", Channel="PJSIP/agent1001-00000000")
+    await send_action(rec, actions, 2, sim, cap)  # BlindTransfer
+    await rec.event("BridgeEnter", Channel="PJSIP/agent1002-00000001")
+    await asyncio.sleep(0.02)
+    await send_action(rec, actions, 3, sim, cap)  # Hangup agent1003
+
+
+async def drive_13(sim: Simulator, rec: Recorder, actions: list[str], cap: list[Message]) -> None:
+    sim.inbound_call(dnis="1300", caller="+15551230013", hangup_after=11)
+    await rec.event("BridgeEnter", Channel="PJSIP/trunk-00000000")
+    for i in range(1, 7):
+        await send_action(rec, actions, i, sim, cap)
+
+
+async def drive_15(sim: Simulator, rec: Recorder, actions: list[str], cap: list[Message]) -> None:
+    sim.inbound_call(dnis="1500", caller="+15551230015", hangup_after=16)
+    await rec.event("BridgeEnter", Channel="PJSIP/trunk-00000000")
+    await sim.clock.sleep(3)
+    await send_action(rec, actions, 1, sim, cap)  # dual Redirect
+    await rec.event("MusicOnHoldStart")
+    await send_action(rec, actions, 2, sim, cap)  # CoreShowChannels
+    await sim.clock.sleep(3)
+    await send_action(rec, actions, 3, sim, cap)  # Bridge
+    await rec.wait_for(lambda m: m.name == "BridgeEnter" and m.get("Channel", "").startswith("PJSIP/agent")
+                       and m.get("Context") == "ctid-agent-hold")
+    await send_action(rec, actions, 4, sim, cap)  # CoreShowChannels
+
+
+async def drive_17(sim: Simulator, rec: Recorder, actions: list[str], cap: list[Message]) -> None:
+    await send_action(rec, actions, 1, sim, cap)  # Originate into ctid-clicktodial
+    await rec.event("BridgeEnter", Channel="PJSIP/agent1001-00000000")
+    await send_action(rec, actions, 2, sim, cap)  # CoreShowChannels
+    await send_action(rec, actions, 3, sim, cap)  # Getvar on the customer leg
+
+
+SCENARIOS: dict[str, tuple[list[Path], Driver, tuple[str, ...], dict[str, Endpoint] | None]] = {
+    "02": (MAIN, drive_02, (), None),
+    "03": (MAIN, drive_03, (), None),
+    "04": (MAIN, drive_04, (), None),
+    "05": (MAIN, drive_05, (), endpoints_with(agent1003={"answer": False})),
+    "06": (MAIN, drive_06, (), None),
+    "06b": (MAIN, drive_06b, (), None),
+    "13": (CTI, drive_13, CV, None),
+    "15": (CTI, drive_15, CV, None),
+    "17": (CTI, drive_17, CV, endpoints_with(trunk={"hangup_after": 6.0})),
+}
+GLOBAL_ORDER = {"02", "03", "05", "13", "15", "17"}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+async def test_lifecycle_matches_capture(scenario: str) -> None:
+    dialplans, driver, cv, endpoints = SCENARIOS[scenario]
+    expected, got, _ = await run_scenario(scenario, dialplans, driver, channelvars=cv, endpoints=endpoints)
+    assert_same(expected, got, scenario in GLOBAL_ORDER)
