@@ -8,6 +8,10 @@ synthetic call and a ``ChanVariable: CTID_CALL_ID=...`` line after ``Linkedid:``
 follows a real 20 calls/s capture: VarSet 40 %, CEL 16 %, Newexten 4 %,
 DeviceStateChange 3 %, QueueMemberStatus 3 %, the rest call-lifecycle events.
 
+Events are trimmed to about 12 header lines, as the brief asks (the headers the call
+model reads are always kept); the same runs on the full capture shapes (~20 lines) are
+printed too, for information. The RESULT lines come from the 12-line stream.
+
 Three runs over the same bytes, in 64 KiB chunks, best of three each:
   (a) panoramisk 1.4 ``AMIProtocol.data_received`` with a ``Manager`` dispatching every
       event to a callback (the baseline the project brief named);
@@ -43,9 +47,29 @@ MIX = {"VarSet": 0.40, "CEL": 0.16, "Newexten": 0.04, "DeviceStateChange": 0.03,
 SKIP = {"FullyBooted", "SuccessfulAuth", "QueueParams", "QueueMember", "QueueStatusComplete", "RTCPSent",
         "ExtensionStatus", "Cdr"}
 CHUNK = 65536
+LINES = 12  # header lines per event, as the benchmark's brief asks
+# Headers the call model reads: never trimmed away.
+KEEP = {"Event", "Channel", "ChannelState", "Uniqueid", "Linkedid", "ChanVariable", "Context", "Exten",
+        "CallerIDNum", "CallerIDName", "DestChannel", "DestUniqueid", "DestLinkedid", "DestChanVariable",
+        "DialString", "DialStatus", "BridgeUniqueid", "Cause", "Variable", "Value"}
 
 
-def _templates() -> tuple[list[bytes], dict[str, list[bytes]]]:
+def _trim(block: bytes, lines: int) -> bytes:
+    """Keep the headers the model needs, then others in wire order, up to ``lines``."""
+    rows = block.split(b"\r\n")
+    keep = [r for r in rows if r.split(b":", 1)[0].decode() in KEEP]
+    budget = max(0, lines - len(keep))
+    chosen = {id(r) for r in keep}
+    for r in rows:
+        if budget == 0:
+            break
+        if id(r) not in chosen:
+            chosen.add(id(r))
+            budget -= 1
+    return b"\r\n".join(r for r in rows if id(r) in chosen)
+
+
+def _templates(lines: int | None = LINES) -> tuple[list[bytes], dict[str, list[bytes]]]:
     data = CAPTURE.read_bytes()
     blocks = data.split(b"\r\n", 1)[1].split(b"\r\n\r\n")
     lifecycle: list[bytes] = []
@@ -56,6 +80,8 @@ def _templates() -> tuple[list[bytes], dict[str, list[bytes]]]:
         name = block[7:block.index(b"\r\n")].decode()
         if name in SKIP:
             continue
+        if lines is not None:
+            block = _trim(block, lines)
         if name in fillers:
             fillers[name].append(block)
         else:
@@ -74,9 +100,9 @@ def _rename(block: bytes, call: int) -> bytes:
     return text.encode()
 
 
-def build_stream(target_events: int, seed: int = 7) -> tuple[bytes, int, float]:
+def build_stream(target_events: int, seed: int = 7, lines: int | None = LINES) -> tuple[bytes, int, float]:
     rng = random.Random(seed)
-    lifecycle, fillers = _templates()
+    lifecycle, fillers = _templates(lines)
     per_call_total = len(lifecycle) / (1 - sum(MIX.values()))
     counts = {name: round(share * per_call_total) for name, share in MIX.items()}
     calls: list[list[bytes]] = []
@@ -171,7 +197,7 @@ def _clock() -> datetime:
 
 def rss_child(calls: int) -> None:
     """Hold ``calls`` concurrent calls in parser + model; print VmRSS in MB."""
-    lifecycle, _ = _templates()
+    lifecycle, _ = _templates(None)  # full capture shapes: the memory figure is not flattered
     # Up to (not including) the first HangupRequest: the call is connected and still up.
     cut = next(i for i, b in enumerate(lifecycle) if b.startswith(b"Event: HangupRequest"))
     parser = AMIParser()
@@ -189,17 +215,8 @@ def rss_child(calls: int) -> None:
     print(f"{active} {rss_kb / 1024:.1f}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--events", type=int, default=200_000)
-    ap.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.rss_child:
-        rss_child(args.rss_child)
-        return
-
-    stream, n_events, headers = build_stream(args.events)
-    print(f"stream: {n_events} events, {len(stream) / 1e6:.1f} MB, {headers:.1f} header lines per event")
+def measure(stream: bytes) -> tuple[float, float]:
+    """Print (a), (b), (c) for one stream; return the rates of (a) and (c)."""
     t_a, seen_a = _best(lambda: run_panoramisk(stream))
     t_b, seen_b = _best(lambda: run_ctid(stream, lambda m: None))
 
@@ -209,9 +226,30 @@ def main() -> None:
 
     t_c, seen_c = _best(with_model)
     rate_a, rate_b, rate_c = seen_a / t_a, seen_b / t_b, seen_c / t_c
-    print(f"(a) panoramisk parser + dispatch : {rate_a:>10,.0f} events/s ({seen_a} events)")
-    print(f"(b) ctid parser + dispatch       : {rate_b:>10,.0f} events/s ({seen_b} events)  {rate_b / rate_a:.2f}x (a)")
-    print(f"(c) ctid parser + call model     : {rate_c:>10,.0f} events/s ({seen_c} events)  {rate_c / rate_a:.2f}x (a)")
+    print(f"  (a) panoramisk parser + dispatch : {rate_a:>10,.0f} events/s ({seen_a} events)")
+    print(f"  (b) ctid parser + dispatch       : {rate_b:>10,.0f} events/s ({seen_b} events)  "
+          f"{rate_b / rate_a:.2f}x (a)")
+    print(f"  (c) ctid parser + call model     : {rate_c:>10,.0f} events/s ({seen_c} events)  "
+          f"{rate_c / rate_a:.2f}x (a)")
+    return rate_a, rate_c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child)
+        return
+
+    results = {}
+    for label, lines in ((f"trimmed to ~{LINES} header lines", LINES), ("full capture shapes", None)):
+        stream, n_events, headers = build_stream(args.events, lines=lines)
+        print(f"stream ({label}): {n_events} events, {len(stream) / 1e6:.1f} MB, "
+              f"{headers:.1f} header lines per event")
+        results[lines] = measure(stream)
+    rate_a, rate_c = results[LINES]
 
     out = subprocess.run([sys.executable, __file__, "--rss-child", "1000"], capture_output=True, text=True,
                          check=True, timeout=300).stdout.split()
