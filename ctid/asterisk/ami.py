@@ -296,6 +296,15 @@ class AMIClient:
                 raise AMILinkLost(f"no pong within {self.ping_timeout}s: link is dead") from None
 
     async def _read_loop(self, reader: asyncio.StreamReader, parser: AMIParser) -> None:
+        try:
+            await self._read_all(reader, parser)
+        except BaseException as exc:
+            # Fail the waiting actions now: the login hook (resync) may be awaiting one,
+            # and nothing else would wake it before its timeout.
+            self._drop_link(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            raise
+
+    async def _read_all(self, reader: asyncio.StreamReader, parser: AMIParser) -> None:
         while True:
             data = await reader.read(65536)
             if not data:
@@ -343,6 +352,9 @@ class AMIClient:
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
+        self._fail_pending(reason)
+
+    def _fail_pending(self, reason: str) -> None:
         lost = self._tracker.clear()
         for action_id in lost:
             future = self._waiters.pop(action_id, None)
