@@ -103,14 +103,15 @@ async def test_drops_at_random_bytes_never_corrupt_the_call_model(tmp_path: Path
     async with running(sim, make_config(0, f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")) as daemon:
         link = daemon.links["sim"]
         chans = [sim.inbound_call(dnis="200", caller=f"+1555123{i:04d}") for i in range(4)]
-        await until(lambda: len(link.model.channels) >= 4 and not any(len(c.call_id) != 32 for c in link.model.calls.values()))
+        await until(lambda: len(link.model.channels) >= 4
+                    and all(len(c.call_id) == 32 for c in link.model.calls.values()))
         for seed in range(3):
             sim.ami_faults.seed = seed
             sim.ami_faults.drop_at_random = True
             logins = link.client.logins
             for session in list(sim.ami.sessions):
                 session.close()
-            await until(lambda: link.client.logins > logins, 10)
+            await until(lambda: link.client.logins > logins, 10)  # noqa: B023 - awaited in this iteration
             sim.ami_faults.drop_at_random = False
             await sim.caller_hangup(chans[seed])  # a call ends while the link may be down
             await until(lambda: link.client.connected, 10)
