@@ -296,3 +296,35 @@ async def test_demo_runs_calls_end_to_end_and_stores_them(tmp_path: Path) -> Non
     async with Database(env["CTID_DB_URL"]) as db:
         records = await CallStore(db.sessions).list_calls()
     assert len(records) == 3 and all(r.ended_at is not None and r.tenant == "demo" for r in records)
+
+
+async def test_partial_agi_header_then_eof_does_not_block_the_next_call(tmp_path: Path) -> None:
+    sim = make_sim()
+    async with running(sim, make_config(0, f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")) as daemon:
+        sim.agi_faults.partial_header_lines = 4  # "Asterisk" sends 4 env lines, then EOF
+        sim.inbound_call(dnis="200", caller="+15551230010")
+        # ctid never saw a session, so the caller is served by the native queue.
+        await sim.wait_event("QueueCallerJoin", timeout=10, Queue="ctid-fallback")
+        sim.agi_faults.partial_header_lines = None
+        model = daemon.links["sim"].model
+        second = sim.inbound_call(dnis="200", caller="+15551230011")
+        await until(lambda: any(len(c.call_id) == 32 and c.caller_number == "+15551230011"
+                                for c in model.calls.values()))
+        await until(lambda: second.variables.get("CTID_ROUTE") == "fallback")
+        assert daemon.agi.session_count == 0
+
+
+async def test_caller_hangup_during_the_agi_dialog_releases_the_channel_promptly(tmp_path: Path) -> None:
+    # By default Asterisk keeps the channel until ctid closes the FastAGI socket.
+    sim = make_sim()
+    async with running(sim, make_config(0, f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")) as daemon:
+        sim.agi_faults.hangup_after_commands = 1
+        chan = sim.inbound_call(dnis="200", caller="+15551230012")
+        await until(lambda: chan.name not in sim.channels, 5)
+        assert daemon.agi.session_count == 0
+        model = daemon.links["sim"].model
+        await until(lambda: not model.calls)
+        call_id = chan.variables.get("__CTID_CALL_ID")  # SET VARIABLE still works on a dead channel
+        assert call_id is not None
+        ended = model.get(call_id)
+        assert ended is not None and ended.state is CallState.ENDED and ended.hangup_by is HangupBy.CALLER
