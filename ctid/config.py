@@ -198,6 +198,9 @@ class ServiceLineConfig(_Section):
     name: str = ""
     dnis: list[str] = Field(min_length=1)
     """Dialled numbers that select this line (exact match; ``s`` for no DNIS)."""
+    crm: CRMConfig | None = None
+    recording: Literal["always", "never", "on_demand"] = "never"
+    """Recording policy carried by the screen pop (recording control comes later)."""
 
     @field_validator("dnis")
     @classmethod
@@ -206,6 +209,111 @@ class ServiceLineConfig(_Section):
             if not _DNIS_RE.fullmatch(number):
                 raise ValueError(f"DNIS {number!r} must be digits (optionally +, *, #) or 's'")
         return value
+
+
+class CRMConfig(_Section):
+    """CRM lookup for the screen pop, run when the call starts (never on the offer path)."""
+
+    url: str
+    """URL template; ``{caller}``, ``{caller_e164}``, ``{dnis}``, ``{service_line}``,
+    ``{tenant}``, ``{call_id}`` are replaced by URL-encoded values."""
+    method: Literal["GET", "POST"] = "GET"
+    timeout_ms: Annotated[int, Field(ge=10, le=30000)] = 800
+    cache_ttl: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    """Seconds a result is reused for the same URL (0: no cache)."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Extra request headers, e.g. an API key. Values may name an environment
+    variable as ``env:NAME``."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL template")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, val in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", key) or any(c in val for c in "\r\n\0"):
+                raise ValueError(f"header {key!r}: names are [A-Za-z0-9-], values have no CR/LF")
+        return value
+
+
+class EventsConfig(_Section):
+    retention_days: Annotated[float, Field(gt=0, le=3650)] = 7.0
+    """Outbox events older than this are pruned (replay cannot go further back)."""
+    outbox_batch_ms: Annotated[int, Field(ge=1, le=10000)] = 50
+    """The outbox writer commits at most this often."""
+    outbox_max_buffer: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+    """Events kept in memory while the database is down; past it the oldest are
+    dropped from the outbox (still delivered live) and counted in a metric."""
+    stats_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """At most one ``queue.stats`` snapshot per queue per interval, only on change."""
+    publish_timeout_ms: Annotated[int, Field(ge=1, le=10000)] = 150
+    """Bound of ``publish_and_wait`` (the pop-before-ring wait)."""
+    identify_grace: Annotated[float, Field(ge=0, le=60)] = 3.0
+    """Seconds a new call's events wait for ctid's ``CTID_CALL_ID`` before they go
+    out under Asterisk's Linkedid, so every event of a call carries one id."""
+
+
+class APIConfig(_Section):
+    session_ttl: Annotated[float, Field(gt=0, le=7 * 86400)] = 12 * 3600.0
+    """Lifetime of a desktop sign-in session token, in seconds."""
+    ws_queue: Annotated[int, Field(ge=10, le=100_000)] = 1000
+    """Events queued per websocket before a slow client is closed with 1008."""
+    max_message_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 65536
+    """Largest websocket frame or HTTP body accepted."""
+    login_attempts_per_minute: Annotated[int, Field(ge=1, le=1000)] = 5
+    """Failed sign-ins allowed per agent id and per client address per minute."""
+
+
+class TokenConfig(_Section):
+    """An API token. Give ``token_sha256`` (hex SHA-256 of the token) in the file, or the
+    token itself in the environment variable ``CTID_TOKEN_<NAME>``."""
+
+    name: Id
+    role: Literal["agent", "supervisor", "integration", "admin"]
+    tenant: Id | None = None
+    """The tenant the token may see; required except for ``admin``."""
+    agent_id: Id | None = None
+    """For ``agent`` tokens: the agent it acts as."""
+    token_sha256: str = ""
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("must be 64 lower-case hex digits (sha256 of the token)")
+        return value
+
+    @model_validator(mode="after")
+    def _scope(self) -> TokenConfig:
+        if self.role != "admin" and self.tenant is None:
+            raise ValueError(f"token {self.name!r}: tenant is required for role {self.role}")
+        if self.role == "agent" and self.agent_id is None:
+            raise ValueError(f"token {self.name!r}: agent_id is required for role agent")
+        return self
+
+
+class AgentConfig(_Section):
+    """An agent, seeded from the config (the ACD issue moves provisioning to the DB)."""
+
+    id: Id
+    tenant: Id
+    name: str = ""
+    pin_hash: str = ""
+    """Desktop sign-in secret, as made by ``ctid hash-secret`` (scrypt). Empty: no
+    sign-in with a PIN or password; the agent needs an API token."""
+    skills: dict[str, Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=dict)
+    max_calls: Annotated[int, Field(ge=1, le=10)] = 1
+
+
+class QueueConfig(_Section):
+    id: Id
+    tenant: Id
+    name: str = ""
 
 
 class SimulatorConfig(_Section):
@@ -227,6 +335,11 @@ class Config(_Section):
     asterisk: list[AsteriskConfig] = Field(default_factory=lambda: [AsteriskConfig()])
     tenants: list[TenantConfig] = Field(default_factory=lambda: [TenantConfig(id="default")])
     service_lines: list[ServiceLineConfig] = Field(default_factory=list)
+    events: EventsConfig = EventsConfig()
+    api: APIConfig = APIConfig()
+    tokens: list[TokenConfig] = Field(default_factory=list)
+    agents: list[AgentConfig] = Field(default_factory=list)
+    queues: list[QueueConfig] = Field(default_factory=list)
     simulator: SimulatorConfig = SimulatorConfig()
 
     @model_validator(mode="after")
@@ -235,7 +348,26 @@ class Config(_Section):
         _unique(problems, "asterisk", [a.id for a in self.asterisk])
         _unique(problems, "tenants", [t.id for t in self.tenants])
         _unique(problems, "service_lines", [s.id for s in self.service_lines])
+        _unique(problems, "tokens", [t.name for t in self.tokens])
+        _unique(problems, "agents", [a.id for a in self.agents])
+        _unique(problems, "queues", [q.id for q in self.queues])
         tenants = {t.id for t in self.tenants}
+        agents = {a.id: a for a in self.agents}
+        owned: list[tuple[str, list[str]]] = [("agents", [a.tenant for a in self.agents]),
+                                              ("queues", [q.tenant for q in self.queues])]
+        for section, owners in owned:
+            for i, owner in enumerate(owners):
+                if owner not in tenants:
+                    problems.append(f"{section}[{i}].tenant: unknown tenant {owner!r}")
+        for i, token in enumerate(self.tokens):
+            if token.tenant is not None and token.tenant not in tenants:
+                problems.append(f"tokens[{i}].tenant: unknown tenant {token.tenant!r}")
+            if token.agent_id is not None:
+                agent = agents.get(token.agent_id)
+                if agent is None:
+                    problems.append(f"tokens[{i}].agent_id: unknown agent {token.agent_id!r}")
+                elif agent.tenant != token.tenant:
+                    problems.append(f"tokens[{i}].agent_id: agent {token.agent_id!r} is in tenant {agent.tenant!r}")
         seen: dict[str, str] = {}
         for i, line in enumerate(self.service_lines):
             if line.tenant not in tenants:
