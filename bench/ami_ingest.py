@@ -15,7 +15,8 @@ printed too, for information. The RESULT lines come from the 12-line stream.
 Three runs over the same bytes, in 64 KiB chunks, best of three each:
   (a) panoramisk 1.4 ``AMIProtocol.data_received`` with a ``Manager`` dispatching every
       event to a callback (the baseline the project brief named);
-  (b) ctid ``AMIParser`` + ``ActionTracker`` + a dispatch callback;
+  (b) ctid ``AMIParser`` + ``AMIClient.receive`` (correlation, ``call_id`` bound in the
+      log context, dispatch to a callback): the path the daemon runs;
   (c) (b) with ``CallModel.feed`` as the callback.
 Then, in a child process, the RSS of ctid's parser + model holding 1,000 concurrent calls.
 
@@ -39,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ctid.asterisk.ami_protocol import ActionTracker, AMIParser, Message  # noqa: E402
+from ctid.asterisk.ami import AMIClient  # noqa: E402
+from ctid.asterisk.ami_protocol import AMIParser, Message  # noqa: E402
 from ctid.calls import CallModel  # noqa: E402
 
 CAPTURE = ROOT / "tests" / "fixtures" / "asterisk22" / "04-queue-support-answered.ami"
@@ -166,18 +168,23 @@ def run_panoramisk(stream: bytes) -> int:
 
 
 def run_ctid(stream: bytes, on_event: Callable[[Message], object] | None) -> int:
+    """ctid's daemon path: parser, then ``AMIClient.receive`` (ActionID correlation,
+    ``call_id`` bound in the log context, dispatch to the consumer)."""
     parser = AMIParser()
-    tracker = ActionTracker()
-    seen = 0
+    seen = [0]
+
+    def consume(message: Message) -> None:
+        seen[0] += 1
+        if on_event is not None:
+            on_event(message)
+
+    client = AMIClient("127.0.0.1", 5038, "bench", "bench", on_event=consume)
+    receive = client.receive
     for i in range(0, len(stream), CHUNK):
         for item in parser.feed(stream[i:i + CHUNK]):
             if type(item) is Message:
-                _, passthrough = tracker.feed(item)
-                if passthrough is not None:
-                    seen += 1
-                    if on_event is not None:
-                        on_event(passthrough)
-    return seen
+                receive(item)
+    return seen[0]
 
 
 def _best(fn: Callable[[], int], repeat: int = 3) -> tuple[float, int]:

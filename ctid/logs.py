@@ -1,23 +1,45 @@
 """Logging setup: structlog, JSON lines when stdout is not a terminal, pretty on a TTY.
 
-Configured once, in :func:`configure`, by the CLI. Context is carried with
-``structlog.contextvars``: the AMI client binds ``call_id`` around the dispatch of one
-event, the FastAGI server binds it for the task of one session, so every log line of a
-call can be grepped. Nothing binds at module level.
+Configured once, in :func:`configure`, by the CLI. Context is carried with context
+variables: the AMI client sets the event being dispatched (:data:`CURRENT_EVENT`, read by
+:func:`add_event_call_id` only when a line is logged), the FastAGI server binds
+``call_id`` with ``structlog.contextvars`` for the task of one session, so every log line
+of a call can be grepped. Nothing binds at module level.
 
-Secrets never reach a log line: config values are ``SecretStr`` and the AMI client
-masks ``Secret:`` headers.
+Secrets never reach a log line: config values are ``SecretStr``, and the AMI client
+never logs the headers of the actions it sends.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal, TextIO
+from contextvars import ContextVar
+from typing import Any, Literal, TextIO
 
 import structlog
+from structlog.types import EventDict, WrappedLogger
 
 Format = Literal["auto", "json", "console"]
+
+#: The AMI event being dispatched by ``ctid.asterisk.ami`` (set per event, reset after).
+CURRENT_EVENT: ContextVar[Any] = ContextVar("ctid_current_ami_event", default=None)
+
+
+def add_event_call_id(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Processor: a line logged while an AMI event is dispatched gets its ``call_id``.
+
+    The id is read from the event only when a line is actually logged, so the hot path
+    pays one ContextVar set per event. An explicitly bound ``call_id`` wins."""
+    if "call_id" not in event_dict:
+        event = CURRENT_EVENT.get()
+        if event is not None:
+            from ctid.asterisk.ami import call_id_of
+
+            call_id = call_id_of(event)
+            if call_id:
+                event_dict["call_id"] = call_id
+    return event_dict
 
 
 def configure(level: str = "info", fmt: Format = "auto", stream: TextIO | None = None) -> None:
@@ -25,6 +47,7 @@ def configure(level: str = "info", fmt: Format = "auto", stream: TextIO | None =
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_event_call_id,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),

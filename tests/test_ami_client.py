@@ -210,3 +210,29 @@ async def test_unreachable_asterisk_is_retried_and_then_connects() -> None:
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
+
+
+async def test_backoff_starts_again_after_a_link_that_worked(peer: FakeAMI) -> None:
+    client = _client(peer, reconnect_min=0.05, reconnect_max=5.0)
+    async with running(client):
+        for n in range(1, 8):
+            await _until(lambda: client.logins == n)  # noqa: B023 - awaited in this iteration
+            for writer in list(peer.writers):
+                writer.transport.abort()
+            await _until(lambda: not client.connected)
+            await _until(lambda: client.last_backoff is not None)
+            # Every drop follows a successful login: never the long, grown delay.
+            assert client.last_backoff is not None and client.last_backoff <= 0.05
+            peer.writers.clear()
+
+
+async def test_close_while_connecting_or_backing_off_returns_promptly(peer: FakeAMI) -> None:
+    dead = FakeAMI()
+    await dead.start()
+    port = dead.port
+    await dead.stop()
+    client = AMIClient("127.0.0.1", port, "ctid", "x", reconnect_min=30.0, reconnect_max=60.0)
+    task = asyncio.create_task(client.run())
+    await _until(lambda: client.last_backoff is not None)  # now sleeping ~15-30 s
+    await client.close()
+    await asyncio.wait_for(task, 2)

@@ -171,6 +171,11 @@ class Message:
     def parsed(self) -> bool:
         return self._headers is not None
 
+    @property
+    def raw(self) -> str | None:
+        """The decoded block as received (None for messages built in code)."""
+        return self._raw
+
     def may_contain(self, text: str) -> bool:
         """A cheap pre-filter that never splits the headers: False only when ``text``
         appears nowhere in the message as received. Messages built in code answer True."""
@@ -429,6 +434,11 @@ class ActionTracker:
     def __init__(self) -> None:
         self._pending: set[str] = set()
         self._lists: dict[str, ActionCompletion] = {}
+
+    @property
+    def collecting(self) -> bool:
+        """True while an EventList is open (events may then belong to an action)."""
+        return bool(self._lists)
 
     def register(self, action_id: str) -> None:
         if action_id in self._pending or action_id in self._lists:
