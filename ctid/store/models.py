@@ -88,9 +88,9 @@ class Call(Base):
     service_line: Mapped[str | None] = mapped_column(String(NAME_LEN))
     direction: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(32))
-    caller_number: Mapped[str | None] = mapped_column(String(NAME_LEN))
-    caller_name: Mapped[str | None] = mapped_column(String(128))
-    dnis: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    caller_number: Mapped[str | None] = mapped_column(Text)  # data from the trunk: any length
+    caller_name: Mapped[str | None] = mapped_column(Text)
+    dnis: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
