@@ -9,6 +9,7 @@ from pathlib import Path
 from ctid.asterisk.ami_protocol import AMIParser, Message
 from ctid.calls import CallModel
 from ctid.events.calls import CallNotifier
+from ctid.events.contract import validate
 from ctid.events.schema import Event
 
 CAPTURES = Path(__file__).parent / "fixtures" / "asterisk22"
@@ -30,6 +31,8 @@ def _replay(name: str, grace: float) -> list[Event]:
     for message in _events(name):
         notifier.on_changes(model.feed(message))
     notifier.close()
+    for seq, event in enumerate(published, 1):
+        validate(event.with_seq(seq).envelope(), strict=True)
     return published
 
 
@@ -71,3 +74,15 @@ async def test_held_events_are_released_after_the_grace() -> None:
         while not published:  # noqa: ASYNC110 - the notifier's own timer fires
             await asyncio.sleep(0.01)
     assert [e.type for e in published] == ["call.started"]
+
+
+async def test_every_capture_gives_contract_valid_events_and_one_end_per_call() -> None:
+    for path in sorted(CAPTURES.glob("*.ami")):
+        events = _replay(path.name, grace=0.0)
+        ends: dict[str, int] = {}
+        for event in events:
+            if event.type == "call.ended":
+                ends[event.call_id or ""] = ends.get(event.call_id or "", 0) + 1
+        assert all(n == 1 for n in ends.values()), path.name
+        started = {e.call_id for e in events if e.type == "call.started"}
+        assert started == set(ends), path.name
