@@ -3,13 +3,18 @@
 Each test loads the capture's own dialplan (``asterisk-conf-used/``), drives the same
 call and sends the same actions as the capture's ``.sent.txt`` (channel names mapped
 by role), records every byte of one AMI session on a real socket, and compares the
-call-lifecycle events with the capture. CEL, Cdr, RTCP, VarSet, Newexten,
-DeviceStateChange, ExtensionStatus, QueueMemberStatus, NewConnectedLine and NewCallerid
-are ignored (their timing varies). Channel names and bridge ids are compared by role
-(``trunk#1``, ``agent1001#1``, ``bridge#1`` in order of first appearance).
+call-lifecycle events with the capture (channel, dial, bridge, hangup, queue, MOH,
+DTMF, hold and transfer events, including Local channel events). CEL, Cdr, RTCP, VarSet,
+Newexten, DeviceStateChange, ExtensionStatus, QueueMemberStatus, NewConnectedLine and
+NewCallerid are ignored (their timing varies). Channel names and bridge ids are compared
+by role (``trunk#1``, ``agent1001#1``, ``bridge#1`` in order of first appearance).
 
 Two comparisons are made: the sequence of events *per channel* (and per bridge) must be
-equal, and the *global* order too for the scenarios listed in ``GLOBAL_ORDER``.
+equal, and the *global* order too for the scenarios listed in ``GLOBAL_ORDER``. 06c
+(attended transfer) is compared per channel only, like 06 and 06b: in the capture the
+target's ``Newchannel`` falls between the transferer's ``BridgeLeave`` and
+``BridgeEnter`` (two Asterisk threads), and the final AMI Hangup of the transferee emits
+both ``BridgeLeave`` events before either ``Hangup``.
 """
 
 from __future__ import annotations
@@ -34,9 +39,18 @@ LIFECYCLE = {
     "BridgeLeave", "BridgeDestroy", "HangupRequest", "SoftHangupRequest", "Hangup",
     "QueueCallerJoin", "QueueCallerLeave", "QueueCallerAbandon", "AgentCalled", "AgentConnect",
     "AgentComplete", "AgentRingNoAnswer", "MusicOnHoldStart", "MusicOnHoldStop", "OriginateResponse",
+    # transfers (06b, 06c) and DTMF (03, 06c)
+    "Hold", "Unhold", "BlindTransfer", "AttendedTransfer", "BridgeMerge", "LocalBridge",
+    "LocalOptimizationBegin", "LocalOptimizationEnd", "DTMFBegin", "DTMFEnd",
 }
 KEYS = ("ChannelState", "Context", "Exten", "Priority", "DialStatus", "Queue", "Position", "Reason",
-        "Response")
+        "Response", "Digit", "Result", "IsExternal", "Extension", "DestType", "Success")
+# Events without a Channel header: the header that names "their" channel and bridge.
+CHAN_KEYS = ("Channel", "DestChannel", "TransfererChannel", "OrigTransfererChannel", "LocalOneChannel")
+BRIDGE_KEYS = ("BridgeUniqueid", "ToBridgeUniqueid", "OrigBridgeUniqueid")
+# Further channels/bridges an event refers to, compared by role.
+REF_KEYS = ("TransfereeChannel", "TransferTargetChannel", "SecondBridgeUniqueid", "DestBridgeUniqueid",
+            "FromBridgeUniqueid", "LocalTwoChannel", "SourceChannel")
 CHAN_RE = re.compile(r"PJSIP/([A-Za-z0-9+]+)-[0-9a-f]{8}")
 
 
@@ -70,10 +84,11 @@ def lifecycle(messages: list[Message]) -> list[tuple[str, ...]]:
     for m in messages:
         if not m.is_event or m.name not in LIFECYCLE or (m.get("ActionID") and m.name != "OriginateResponse"):
             continue
-        chan = roles.of(m.get("Channel") or m.get("DestChannel"))
+        chan = roles.of(next((m.get(k) for k in CHAN_KEYS if m.get(k)), None))
         dest = roles.of(m.get("DestChannel")) if m.get("Channel") else ""
-        bridge = roles.of(m.get("BridgeUniqueid"))
+        bridge = roles.of(next((m.get(k) for k in BRIDGE_KEYS if m.get(k)), None))
         fields = [f"{k}={m.get(k)}" for k in KEYS if m.get(k) is not None]
+        fields += [f"{k}={roles.of(m.get(k))}" for k in REF_KEYS if m.get(k)]
         if m.name == "Hangup":
             fields.append(f"Cause={m.get('Cause')}")
         out.append((m.name, chan, dest, bridge, *fields))
@@ -170,13 +185,14 @@ Driver = Callable[[Simulator, Recorder, list[str], list[Message]], Awaitable[Non
 
 async def run_scenario(prefix: str, dialplans: list[Path], driver: Driver, *,
                        channelvars: tuple[str, ...] = (), endpoints: dict[str, Endpoint] | None = None,
+                       features: Path | None = None,
                        ) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]], Simulator]:
     ami = sorted(FIXTURES.glob(f"{prefix}-*.ami"))
     assert ami, f"missing capture {prefix}"
     capture = parse_capture(ami[0])
     actions = sent_actions(ami[0].with_suffix(".sent.txt"))
     sim = Simulator(dialplan=dialplans, time_scale=SCALE, channelvars=channelvars,
-                    endpoints=endpoints, strict=False)
+                    endpoints=endpoints, features=features, strict=False)
     await sim.start()
     rec = Recorder(sim)
     try:
@@ -280,6 +296,19 @@ async def drive_06b(sim: Simulator, rec: Recorder, actions: list[str], cap: list
     await send_action(rec, actions, 3, sim, cap)  # Hangup agent1003
 
 
+async def drive_06c(sim: Simulator, rec: Recorder, actions: list[str], cap: list[Message]) -> None:
+    await send_action(rec, actions, 1, sim, cap)  # Originate agent1001 -> 1002
+    await rec.event("BridgeEnter", Channel="PJSIP/agent1001-00000000")
+    resp = await send_action(rec, actions, 2, sim, cap)  # Atxfer agent1001 -> 1003
+    assert resp.get("Message") == "Atxfer successfully queued"
+    await rec.event("BridgeEnter", Channel="Local/1003@from-agents-00000000;2")  # consultation up
+    await sim.clock.sleep(2)
+    await send_action(rec, actions, 3, sim, cap)  # Hangup agent1001: completes the transfer
+    await rec.event("Hangup", Channel="Local/1003@from-agents-00000000;2")  # Local pair optimised away
+    await send_action(rec, actions, 4, sim, cap)  # CoreShowChannels
+    await send_action(rec, actions, 5, sim, cap)  # Hangup agent1002
+
+
 async def drive_13(sim: Simulator, rec: Recorder, actions: list[str], cap: list[Message]) -> None:
     sim.inbound_call(dnis="1300", caller="+15551230013", hangup_after=11)
     await rec.event("BridgeEnter", Channel="PJSIP/trunk-00000000")
@@ -315,6 +344,7 @@ SCENARIOS: dict[str, tuple[list[Path], Driver, tuple[str, ...], dict[str, Endpoi
     "05": (MAIN, drive_05, (), endpoints_with(agent1003={"answer": False})),
     "06": (MAIN, drive_06, (), None),
     "06b": (MAIN, drive_06b, (), None),
+    "06c": (MAIN, drive_06c, (), None),
     "13": (CTI, drive_13, CV, None),
     "15": (CTI, drive_15, CV, None),
     "17": (CTI, drive_17, CV, endpoints_with(trunk={"hangup_after": 6.0})),
@@ -322,8 +352,12 @@ SCENARIOS: dict[str, tuple[list[Path], Driver, tuple[str, ...], dict[str, Endpoi
 GLOBAL_ORDER = {"02", "03", "05", "13", "15", "17"}
 
 
+FEATURES = {"06c": CONF / "features.conf"}  # atxfer = *2
+
+
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 async def test_lifecycle_matches_capture(scenario: str) -> None:
     dialplans, driver, cv, endpoints = SCENARIOS[scenario]
-    expected, got, _ = await run_scenario(scenario, dialplans, driver, channelvars=cv, endpoints=endpoints)
+    expected, got, _ = await run_scenario(scenario, dialplans, driver, channelvars=cv, endpoints=endpoints,
+                                          features=FEATURES.get(scenario))
     assert_same(expected, got, scenario in GLOBAL_ORDER)

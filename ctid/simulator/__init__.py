@@ -8,9 +8,10 @@ How it fits together::
       ├── PBX (pbx.py)              channels through the dialplan; Dial, Queue, MOH, ...
       │     ├── Dialplan (dialplan.py)   extensions.conf loader, patterns, ${} and $[]
       │     ├── Channel/Bridge (channels.py)  snapshot header blocks, interruptible waits
+      │     ├── transfer.py          AMI Atxfer: attended transfer, Local channel optimisation
       │     └── AGI (agi_client.py)  FastAGI client with res_agi's hangup/redirect rules
       ├── SimClock (clock.py)        time_scale: simulated seconds -> real seconds
-      └── faults.py / config.py      fault toggles; endpoints and native queues
+      └── faults.py / config.py      fault toggles; endpoints, native queues, features.conf
 
 The PBX emits every event once; the AMI server fans it out to the sessions that asked
 for its class. Tests drive calls with :meth:`Simulator.inbound_call`,
@@ -18,7 +19,14 @@ for its class. Tests drive calls with :meth:`Simulator.inbound_call`,
 through a real socket (``Simulator.ami_port`` on 127.0.0.1).
 """
 
-from ctid.simulator.config import Endpoint, QueueConfig, QueueMember, load_queues_conf
+from ctid.simulator.config import (
+    Endpoint,
+    FeatureConfig,
+    QueueConfig,
+    QueueMember,
+    load_features_conf,
+    load_queues_conf,
+)
 from ctid.simulator.dialplan import Dialplan, DialplanError, UnsupportedApplication
 from ctid.simulator.faults import AGIFaults, AMIFaults
 from ctid.simulator.simulator import Simulator
@@ -29,9 +37,11 @@ __all__ = [
     "Dialplan",
     "DialplanError",
     "Endpoint",
+    "FeatureConfig",
     "QueueConfig",
     "QueueMember",
     "Simulator",
     "UnsupportedApplication",
+    "load_features_conf",
     "load_queues_conf",
 ]

@@ -598,9 +598,29 @@ class AMIServer:
         self.pbx.blind_transfer(chan, other, Location(ctx, exten, 1))
 
     def a_atxfer(self, s: Session, a: Message) -> None:
-        # Attended transfer needs Local channels and DTMF feature codes; the simulator
-        # refuses it loudly rather than pretending (see the module docstring of pbx).
-        self.error(s, a, "Atxfer is not implemented by the simulator")
+        """Asterisk 22 ``Atxfer``: the features.conf ``atxfer`` code and ``Exten`` are
+        queued on the transferer as DTMF (06c); ``Context`` becomes TRANSFER_CONTEXT."""
+        name = a.get("Channel")
+        if not name:
+            self.error(s, a, "No channel specified")
+            return
+        exten = a.get("Exten")
+        if not exten:
+            self.error(s, a, "No extension specified")
+            return
+        chan = self.pbx.find_channel(name)
+        if chan is None:
+            self.error(s, a, "Channel specified does not exist")
+            return
+        code = self.pbx.features.atxfer
+        if not code:
+            self.error(s, a, "No attended transfer feature code found")
+            return
+        self.respond(s, a, "Success", message="Atxfer successfully queued")
+        context = a.get("Context")
+        if context:
+            self.pbx.set_var(chan, "TRANSFER_CONTEXT", context)
+        self.pbx.atxfer(chan, code, exten)
 
     def a_setvar(self, s: Session, a: Message) -> None:
         var = a.get("Variable")

@@ -17,6 +17,13 @@ With a prefix (``Dest`` for Dial events, ``Transferer``...) every key gets it, a
 channelvars lines become ``DestChanVariable:`` (13). Unset variables still get a line
 with an empty value, the name is shown without its ``__`` inheritance prefix.
 
+Local channels (``Local/1003@from-agents-00000000;1`` and ``;2``, 06c) are two
+:class:`Channel` objects pointing at each other through ``local_peer``; ``;2`` runs the
+dialplan, ``;1`` is what the requester (the attended transfer) holds.
+
+A :class:`Bridge` can carry :class:`BridgeHooks` (the attended transfer's consultation
+bridge does) that see every channel leaving it.
+
 Interrupting applications: every blocking application waits through
 :meth:`Channel.wait`, which returns early when the channel is hung up or redirected
 (an "async goto" soft hangup in Asterisk). That single mechanism gives Wait(), MOH,
@@ -29,7 +36,7 @@ import asyncio
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ctid.simulator.clock import SimClock
@@ -40,7 +47,7 @@ STATE_DESC = {0: "Down", 1: "Rsrvd", 2: "OffHook", 3: "Dialing", 4: "Ring", 5: "
 
 CAUSE_TEXT = {
     0: "Unknown", 16: "Normal Clearing", 17: "User busy", 19: "No user responding",
-    21: "Call Rejected", 34: "Circuit/channel congestion",
+    21: "Call Rejected", 26: "Answered elsewhere", 34: "Circuit/channel congestion",
 }
 
 
@@ -104,6 +111,17 @@ class Channel:
         self.dtmf: asyncio.Queue[str] = asyncio.Queue()
         self._wake = asyncio.Event()
         self.hangup_handlers: list[str] = []
+        # Local channel pair (06c): the other half, and which half this is (1 or 2).
+        self.local_peer: Channel | None = None
+        self.local_half = 0
+        # ;1 of a pair requested by an attended transfer: its DialState/DialEnd carry no
+        # calling channel, and it may be optimised away once the transfer is done.
+        self.local_dialed = False
+        self.local_optimize = False
+        # DTMF transfer features in the current bridge (Dial/Queue option T or t).
+        self.xfer_features = False
+        # The attended transfer this channel is the transferer of (while it runs).
+        self.atxfer: object | None = None
 
     # -- interruption ----------------------------------------------------------
     @property
@@ -203,11 +221,23 @@ class Channel:
         return f"Channel({self.name}, {self.state_desc}, {self.context},{self.exten},{self.priority})"
 
 
+class BridgeHooks(Protocol):
+    """Observer of channels leaving a bridge (the attended transfer's bridges)."""
+
+    def before_leave(self, bridge: Bridge, chan: Channel) -> None: ...
+
+    def after_leave(self, bridge: Bridge, chan: Channel) -> bool:
+        """Called after ``BridgeLeave`` (and ``BridgeDestroy``); True = handled, the
+        usual "peer left" handling of the remaining channel is skipped."""
+        ...
+
+
 @dataclass(eq=False)
 class Bridge:
     """A two-party (or more) mixing bridge. ``kind`` says who created it: ``dial``
-    (app_dial), ``queue`` (app_queue) or ``action`` (the AMI Bridge action, whose
-    channels continue at their after-bridge location when it ends)."""
+    (app_dial), ``queue`` (app_queue), ``action`` (the AMI Bridge action, whose
+    channels continue at their after-bridge location when it ends) or ``atxfer`` (the
+    consultation bridge of an attended transfer, 06c)."""
 
     kind: str
     uniqueid: str = field(default_factory=lambda: str(uuid.uuid4()))
@@ -215,6 +245,10 @@ class Bridge:
     technology: str = "simple_bridge"
     destroyed: bool = False
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    hooks: BridgeHooks | None = None
+    # An attended transfer holds this bridge: its owner keeps waiting even when the
+    # transferer has moved to the consultation bridge.
+    held_by_transfer: bool = False
 
     def block(self, prefix: str = "") -> Fields:
         p = prefix

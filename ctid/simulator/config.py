@@ -5,6 +5,10 @@ endpoint ``trunk`` (context ``from-trunk``), ``agent1001``..``agent1004`` (conte
 ``from-agents``, caller id ``"Agent 100N" <100N>``) that ring 1 s and answer, and the
 queues ``support`` (rrmemory, 1001+1002, timeout 15, retry 2) and ``sales`` (ringall,
 1003, timeout 10, retry 2).
+
+:class:`FeatureConfig` is ``features.conf``. Its defaults are Asterisk's built-in ones, in
+which ``atxfer`` has no code, so the AMI ``Atxfer`` action fails until a
+``features.conf`` with ``[featuremap] atxfer = ...`` is given (06c).
 """
 
 from __future__ import annotations
@@ -111,3 +115,42 @@ def load_queues_conf(path: str | Path) -> dict[str, QueueConfig]:
         elif key == "musicclass":
             current.musicclass = value
     return queues
+
+
+@dataclass(slots=True)
+class FeatureConfig:
+    """``features.conf``: the ``[featuremap]`` DTMF codes and the transfer options of
+    ``[general]`` that the simulator uses. Defaults are Asterisk's: ``blindxfer = #``,
+    ``disconnect = *``, no ``atxfer`` code, ``transferdigittimeout = 3``,
+    ``atxfernoanswertimeout = 15``."""
+
+    featuremap: dict[str, str] = field(default_factory=lambda: {"blindxfer": "#", "disconnect": "*",
+                                                                 "atxfer": ""})
+    transferdigittimeout: float = 3.0
+    atxfernoanswertimeout: float = 15.0
+
+    @property
+    def atxfer(self) -> str:
+        return self.featuremap.get("atxfer", "")
+
+
+def load_features_conf(path: str | Path) -> FeatureConfig:
+    """Read a ``features.conf``: ``[featuremap]`` codes and ``[general]`` timeouts."""
+    conf = FeatureConfig()
+    section = ""
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.split(";", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            section = line[1:line.index("]")].strip().lower()
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        key, value = key.strip().lower(), value.lstrip(">").strip()
+        if section == "featuremap":
+            conf.featuremap[key] = value
+        elif section == "general" and key in ("transferdigittimeout", "atxfernoanswertimeout"):
+            setattr(conf, key, float(value))
+    return conf

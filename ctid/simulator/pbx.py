@@ -22,7 +22,12 @@ That gives the capture semantics in one place:
   request event (15b); a channel put in a bridge by the AMI ``Bridge`` action continues
   at its after-bridge priority instead (15);
 * ``Dial`` without ``g`` ends the caller when the callee hangs up or is redirected
-  (06, 17); with ``g`` the caller continues (15c).
+  (06, 17); with ``g`` the caller continues (15c);
+* AMI ``Atxfer`` runs the attended transfer of :mod:`ctid.simulator.transfer` (06c):
+  DTMF feature code, consultation through a Local channel pair, ``AttendedTransfer``
+  when the transferer hangs up, then Local channel optimisation. Dial/Queue options
+  ``T``/``t`` give the DTMF transfer features; bridges with them stay ``simple_bridge``
+  (06, 06b, 06c) instead of ``native_rtp`` (13, 15, 17).
 
 Channels that run no dialplan (Dial/Queue callees, originated channels before they
 answer) have no task; the task that created them drives them.
@@ -43,7 +48,7 @@ from typing import TYPE_CHECKING
 from ctid.asterisk.ami_protocol import Message
 from ctid.simulator.channels import CAUSE_TEXT, Bridge, Channel, Fields, Location
 from ctid.simulator.clock import SimClock
-from ctid.simulator.config import Endpoint, QueueConfig, QueueMember
+from ctid.simulator.config import Endpoint, FeatureConfig, QueueConfig, QueueMember
 from ctid.simulator.dialplan import (
     Dialplan,
     DialplanError,
@@ -53,6 +58,7 @@ from ctid.simulator.dialplan import (
     split_args,
     substitute,
 )
+from ctid.simulator.transfer import optimize_local, run_atxfer
 
 if TYPE_CHECKING:
     from ctid.simulator.faults import AGIFaults
@@ -88,6 +94,7 @@ class PBX:
         prompts: dict[str, float] | None = None,
         agi_faults: AGIFaults | None = None,
         answer_delay: float = 0.0,
+        features: FeatureConfig | None = None,
     ) -> None:
         from ctid.simulator.faults import AGIFaults as _AGIFaults
 
@@ -102,12 +109,15 @@ class PBX:
         self.prompts = {**DEFAULT_PROMPTS, **(prompts or {})}
         self.agi_faults = agi_faults or _AGIFaults()
         self.answer_delay = answer_delay
+        self.features = features or FeatureConfig()
         self.globals: dict[str, str] = dict(dialplan.globals)
         self.channels: dict[str, Channel] = {}
         self.errors: list[str] = []
         self.device_states: dict[str, str] = {}
         self._chan_seq = 0
         self._uid_seq = 0
+        self._local_seq = 0
+        self._local_opt_id = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._mixmonitors: dict[str, str] = {}
         self.queue_callers: dict[str, list[Channel]] = {q: [] for q in queues}
@@ -175,8 +185,12 @@ class PBX:
             self.device_states[device] = state
             self.emit("DeviceStateChange", "call,all", [("Device", device), ("State", state)])
 
-    def _refresh_device(self, endpoint: str) -> None:
-        chans = [c for c in self.channels.values() if c.endpoint == endpoint and not c.hungup]
+    def _refresh_device(self, endpoint: str, tech: str = "PJSIP") -> None:
+        chans = [c for c in self.channels.values()
+                 if c.endpoint == endpoint and c.tech == tech and not c.hungup]
+        if tech == "Local":
+            self.set_device(f"Local/{endpoint}", "INUSE" if chans else "NOT_INUSE")
+            return
         if not chans:
             state = "NOT_INUSE" if endpoint != "trunk" else "UNAVAILABLE"
         elif any(c.state == 6 for c in chans):
@@ -219,11 +233,13 @@ class PBX:
 
     def set_state(self, chan: Channel, state: int) -> None:
         if chan.state != state:
+            if state == 6 and chan.local_half == 2:
+                self._local_answered(chan)
             chan.state = state
             if state == 6 and chan.answered_at is None:
                 chan.answered_at = self.clock.now()
             self.emit_chan("Newstate", chan)
-            self._refresh_device(chan.endpoint)
+            self._refresh_device(chan.endpoint, chan.tech)
 
     def destroy(self, chan: Channel) -> None:
         """Emit ``Hangup`` and forget the channel (it must have left any bridge)."""
@@ -237,7 +253,11 @@ class PBX:
         self.emit_chan("Hangup", chan, [("Cause", str(cause)), ("Cause-txt", CAUSE_TEXT.get(cause, "Unknown"))])
         self.channels.pop(chan.name, None)
         self._mixmonitors.pop(chan.name, None)
-        self._refresh_device(chan.endpoint)
+        self._refresh_device(chan.endpoint, chan.tech)
+        peer = chan.local_peer
+        if peer is not None and not peer.hungup and not peer.hangup_requested:
+            # One half of a Local pair hung up: the other gets a hangup request.
+            self.remote_hangup(peer, 16)
 
     def remote_hangup(self, chan: Channel, cause: int | None = None) -> None:
         """The far end hung up (a SIP BYE): non-soft ``HangupRequest`` first."""
@@ -308,28 +328,61 @@ class PBX:
         self.emit("BridgeCreate", "call,all", bridge.block())
         return bridge
 
-    def bridge_enter(self, bridge: Bridge, chan: Channel) -> None:
+    def bridge_enter(self, bridge: Bridge, chan: Channel, *, swap: Channel | None = None) -> None:
+        """``BridgeEnter``; ``swap``: the channel this one replaces (``SwapUniqueid``, a
+        Local channel optimisation, 06c)."""
         bridge.channels.append(chan)
         chan.bridge = bridge
-        self.emit("BridgeEnter", "call,all", [*bridge.block(), *chan.snapshot()])
-        if len(bridge.channels) == 2:
+        extra: Fields = [("SwapUniqueid", swap.uniqueid)] if swap is not None else []
+        self.emit("BridgeEnter", "call,all", [*bridge.block(), *chan.snapshot(), *extra])
+        # Two PJSIP channels without DTMF features go native (13, 15, 17); with Dial
+        # option t/T (06, 06b, 06c) or a Local channel the bridge stays simple_bridge.
+        if len(bridge.channels) == 2 and all(c.tech == "PJSIP" and not c.xfer_features
+                                             for c in bridge.channels):
             bridge.technology = "native_rtp"
+        pair = chan.local_peer
+        one = chan if chan.local_half == 1 else pair
+        if one is not None and one.local_optimize:
+            self.maybe_optimize_local(one)
 
-    def bridge_leave(self, chan: Channel) -> None:
+    def bridge_leave(self, chan: Channel, *, quiet: bool = False) -> None:
+        """``BridgeLeave``. The remaining party of a two-party bridge is dealt with by
+        :meth:`_peer_left` and an emptied bridge is destroyed, unless ``quiet`` (a
+        channel moved by a transfer or a Local optimisation) or the bridge's hooks
+        handle it."""
         bridge = chan.bridge
         if bridge is None:
             return
+        hooks = None if quiet else bridge.hooks
+        if hooks is not None:
+            hooks.before_leave(bridge, chan)
         bridge.channels.remove(chan)
         chan.bridge = None
         self.emit("BridgeLeave", "call,all", [*bridge.block(), *chan.snapshot()])
+        if quiet:
+            return
+        if not bridge.channels:
+            self.bridge_destroy(bridge)
+        if hooks is not None and hooks.after_leave(bridge, chan):
+            return
         if len(bridge.channels) == 1:
             rest = bridge.channels[0]
             bridge.ended.set()
             asyncio.get_running_loop().call_soon(self._peer_left, bridge, rest)
-        if not bridge.channels and not bridge.destroyed:
+
+    def bridge_destroy(self, bridge: Bridge) -> None:
+        if not bridge.destroyed:
             bridge.destroyed = True
             bridge.ended.set()
             self.emit("BridgeDestroy", "call,all", bridge.block())
+
+    @staticmethod
+    def still_bridged(chan: Channel, bridge: Bridge) -> bool:
+        """Whether the Dial/Queue that made ``bridge`` keeps waiting on it: a peer is
+        there, or an attended transfer holds it (06c)."""
+        if chan.atxfer is not None:
+            return True
+        return chan.bridge is bridge and (len(bridge.channels) > 1 or bridge.held_by_transfer)
 
     def _peer_left(self, bridge: Bridge, rest: Channel) -> None:
         """The other party left a two-party bridge."""
@@ -355,11 +408,11 @@ class PBX:
         """Block the owner's app until the bridge ends or the channel is interrupted."""
         chan._bridge_owner = True  # type: ignore[attr-defined]
         try:
-            while chan.bridge is bridge and len(bridge.channels) > 1 and not chan.interrupted:
+            while self.still_bridged(chan, bridge) and not chan.interrupted:
                 await chan.wait(self.clock, None)
         finally:
             chan._bridge_owner = False  # type: ignore[attr-defined]
-        if chan.bridge is bridge:
+        if chan.bridge is bridge or (chan.bridge is not None and chan.bridge.kind == "atxfer"):
             self.bridge_leave(chan)
 
     # ------------------------------------------------------------------ variables
@@ -746,10 +799,13 @@ class PBX:
             self.set_state(chan, 6)
         bridge = self.bridge_create("dial")
         callee.exten = ""
+        chan.xfer_features = "T" in opts
+        callee.xfer_features = "t" in opts
         self.bridge_enter(bridge, callee)
         self.bridge_enter(bridge, chan)
         self._schedule_endpoint_hangup(callee, ep)
         await self.bridge_wait(chan, bridge)
+        chan.xfer_features = False
         self.set_var(chan, "DIALSTATUS", "ANSWER")
         if chan.hangup_requested:
             return -1
@@ -783,7 +839,10 @@ class PBX:
             return "BUSY"
         if callee.state != 5:
             self.set_state(callee, 5)
+        local_ringing = chan is not None and chan.local_half == 2 and self._local_ringing(chan, callee)
         self.emit_two("DialState", chan, callee, [("DialStatus", "RINGING")])
+        if local_ringing and chan is not None and chan.local_peer is not None and chan.local_peer.local_dialed:
+            self.emit_two("DialState", None, chan.local_peer, [("DialStatus", "RINGING")])
         ring = ep.ring_s if ep.answer else None
         if timeout is not None:
             ring = timeout if ring is None else min(ring, timeout)
@@ -847,9 +906,78 @@ class PBX:
     def _member_event(self, queue: QueueConfig, m: QueueMember) -> Fields:
         return [("Queue", queue.name), ("Interface", m.interface), ("MemberName", m.name)]
 
+    def _ringall_members(self, queue: QueueConfig) -> list[QueueMember]:
+        """``ringall``: every available member of the best (lowest) penalty."""
+        avail = [m for m in queue.members if self._member_available(m)
+                 and m.interface.partition("/")[2] in self.endpoints]
+        if not avail:
+            return []
+        best = min(m.penalty for m in avail)
+        return [m for m in avail if m.penalty == best]
+
+    def _call_member(self, chan: Channel, queue: QueueConfig, member: QueueMember, ep: Endpoint,
+                     opts: str) -> Channel:
+        """``ring_entry``: the member leg, ``AgentCalled``, ``DialBegin`` (04, 05)."""
+        callee = self._new_callee(chan, ep, "")
+        for key, value in chan.inheritable().items():
+            self.set_var(callee, key, value, event_first=True)
+        callee.connected_num, callee.connected_name = chan.caller_num, chan.caller_name
+        callee.exten = chan.exten
+        self.emit_two("AgentCalled", chan, callee, self._member_event(queue, member), "agent,all")
+        callee.exten = "s"
+        callee.connected_num = callee.connected_name = "<unknown>"
+        self.emit_two("DialBegin", chan, callee, [("DialString", member.interface)])
+        callee.exten = chan.exten
+        callee.connected_num, callee.connected_name = chan.caller_num, chan.caller_name
+        callee.xfer_features = "t" in opts
+        return callee
+
+    async def _ring_all(self, chan: Channel, queue: QueueConfig, members: list[QueueMember], opts: str,
+                        ) -> tuple[str, list[tuple[QueueMember, Endpoint, Channel]], int]:
+        """``ringall``: every member rings at once (``ring_one``), the first to answer
+        wins. Returns ``(ANSWER|NOANSWER|CANCEL, ringing calls, winner index)``; busy
+        members are dropped at once (``DialEnd BUSY``, ``AgentRingNoAnswer``)."""
+        calls = []
+        for member in members:
+            ep = self.endpoints[member.interface.partition("/")[2]]
+            calls.append((member, ep, self._call_member(chan, queue, member, ep, opts)))
+        ring_start = self.clock.now()
+        ringing = []
+        for member, ep, callee in calls:
+            if ep.busy:
+                callee.hangup_cause = 17
+                self.emit_two("DialEnd", chan, callee, [("DialStatus", "BUSY")])
+                self.emit_two("AgentRingNoAnswer", chan, callee, [
+                    *self._member_event(queue, member), ("RingTime", "0")], "agent,all")
+                self.destroy(callee)
+                continue
+            if not ep.unreachable:
+                self.set_state(callee, 5)
+                self.emit_two("DialState", chan, callee, [("DialStatus", "RINGING")])
+            ringing.append((member, ep, callee))
+        answering = sorted((ep.ring_s, i) for i, (_, ep, _) in enumerate(ringing)
+                           if ep.answer and not ep.unreachable and ep.ring_s <= queue.timeout)
+        deadline = ring_start + (answering[0][0] if answering else queue.timeout)
+        while (left := deadline - self.clock.now()) > 0:
+            if await chan.wait(self.clock, left):
+                break
+            if chan.interrupted:
+                for _, _, callee in ringing:
+                    callee.hangup_cause = 0
+                return "CANCEL", ringing, -1
+        for _, idx in answering:
+            callee = ringing[idx][2]
+            if not (callee.hungup or callee.hangup_requested):
+                self.set_state(callee, 6)
+                callee._driven = False  # type: ignore[attr-defined]
+                return "ANSWER", ringing, idx
+        for _, _, callee in ringing:
+            callee.hangup_cause = 0
+        return "NOANSWER", ringing, -1
+
     async def app_queue(self, chan: Channel, data: str) -> int:
         args = split_args(data) + [""] * 5
-        qname = args[0]
+        qname, opts = args[0], args[1]
         queue = self.queues.get(qname)
         if queue is None:
             raise DialplanError(f"Queue({qname}): no such queue in the simulator config")
@@ -900,28 +1028,62 @@ class PBX:
                 leave()
                 self.set_var(chan, "QUEUESTATUS", "TIMEOUT")
                 return 0
-            member = self._pick_member(queue, set()) if callers and callers[0] is chan else None
-            if member is None:
-                await chan.wait(self.clock, 1.0)  # app_queue's one-second polling grid
-                continue
-            ep = self.endpoints.get(member.interface.partition("/")[2])
-            if ep is None:
+            if queue.strategy == "ringall":
+                members = self._ringall_members(queue) if callers and callers[0] is chan else []
+                if not members:
+                    await chan.wait(self.clock, 1.0)  # app_queue's one-second polling grid
+                    continue
+                ring_start = self.clock.now()
+                outcome, ringing, won = await self._ring_all(chan, queue, members, opts)
+                if outcome == "ANSWER":
+                    member, ep, callee = ringing[won]
+                    losers = [c for i, (_, _, c) in enumerate(ringing) if i != won]
+                    self.emit_two("DialEnd", chan, callee, [("DialStatus", "ANSWER")])
+                    for other in losers:  # wait_for_answer, then hangupcalls()
+                        self.emit_two("DialEnd", chan, other, [("DialStatus", "CANCEL")])
+                    for other in losers:
+                        other.hangup_cause = 26  # AST_CAUSE_ANSWERED_ELSEWHERE
+                        self.emit_two("DialEnd", chan, other, [("DialStatus", "CANCEL")])
+                        self.destroy(other)
+                    break
+                if outcome == "CANCEL":
+                    moh_on = False
+                    self.emit_chan("MusicOnHoldStop", chan)
+                    for status in ("CANCEL", "CANCEL"):
+                        for _, _, callee in ringing:
+                            self.emit_two("DialEnd", chan, callee, [("DialStatus", status)])
+                    for _, _, callee in ringing:
+                        asyncio.get_running_loop().call_soon(self.destroy, callee)
+                    if chan.hangup_requested:
+                        abandon()
+                        return -1
+                    leave()
+                    return 0
+                ring_ms = int((self.clock.now() - ring_start) * 1000)
+                for member, _, callee in ringing:  # rna() for each, then NOANSWER, CANCEL
+                    self.emit_two("AgentRingNoAnswer", chan, callee, [
+                            *self._member_event(queue, member),
+                            ("RingTime", str(ring_ms))], "agent,all")
+                for _, _, callee in ringing:
+                    self.emit_two("DialEnd", chan, callee, [("DialStatus", "NOANSWER")])
+                for _, _, callee in ringing:
+                    self.emit_two("DialEnd", chan, callee, [("DialStatus", "CANCEL")])
+                    self.destroy(callee)
                 await chan.wait(self.clock, queue.retry)
                 continue
+            picked = self._pick_member(queue, set()) if callers and callers[0] is chan else None
+            if picked is None:
+                await chan.wait(self.clock, 1.0)  # app_queue's one-second polling grid
+                continue
+            found = self.endpoints.get(picked.interface.partition("/")[2])
+            if found is None:
+                await chan.wait(self.clock, queue.retry)
+                continue
+            member, ep = picked, found
             if queue.strategy == "rrmemory":
                 idx = queue.members.index(member)
                 queue.rr_next = (idx + 1) % len(queue.members)
-            callee = self._new_callee(chan, ep, "")
-            for key, value in chan.inheritable().items():
-                self.set_var(callee, key, value, event_first=True)
-            callee.connected_num, callee.connected_name = chan.caller_num, chan.caller_name
-            callee.exten = chan.exten
-            self.emit_two("AgentCalled", chan, callee, self._member_event(queue, member), "agent,all")
-            callee.exten = "s"
-            callee.connected_num = callee.connected_name = "<unknown>"
-            self.emit_two("DialBegin", chan, callee, [("DialString", member.interface)])
-            callee.exten = chan.exten
-            callee.connected_num, callee.connected_name = chan.caller_num, chan.caller_name
+            callee = self._call_member(chan, queue, member, ep, opts)
             ring_start = self.clock.now()
             outcome = await self._ring(chan, callee, ep, queue.timeout, dial_events=False)
             if outcome == "ANSWER":
@@ -962,16 +1124,18 @@ class PBX:
         member.calls_taken += 1
         member.last_call = int(self.clock.now())
         bridge = self.bridge_create("queue")
+        chan.xfer_features = "T" in opts  # Queue option T: the caller may transfer
         self.bridge_enter(bridge, callee)
         self.bridge_enter(bridge, chan)
         self._schedule_endpoint_hangup(callee, ep)
         talk_start = self.clock.now()
         chan._bridge_owner = True  # type: ignore[attr-defined]
         try:
-            while chan.bridge is bridge and len(bridge.channels) > 1 and not chan.interrupted:
+            while self.still_bridged(chan, bridge) and not chan.interrupted:
                 await chan.wait(self.clock, None)
         finally:
             chan._bridge_owner = False  # type: ignore[attr-defined]
+            chan.xfer_features = False
         reason = "caller" if chan.hangup_requested else ("transfer" if chan.async_goto else "agent")
         self.emit_two("AgentComplete", chan, callee, [
                 *self._member_event(queue, member),
@@ -979,7 +1143,7 @@ class PBX:
                 ("TalkTime", str(int(self.clock.now() - talk_start))),
                 ("Reason", reason)], "agent,all")
         queue.completed += 1
-        if chan.bridge is bridge:
+        if chan.bridge is bridge or (chan.bridge is not None and chan.bridge.kind == "atxfer"):
             self.bridge_leave(chan)
         # app_queue lets the member leg go before the caller (04).
         for _ in range(3):
@@ -1060,6 +1224,78 @@ class PBX:
         if chan is not None:
             fields += chan.chanvar_lines(f"ChanVariable({chan.name})")
         self.emit("OriginateResponse", "call,all", fields)
+
+    # ------------------------------------------------------------------ Local channels, Atxfer
+    def new_local_pair(self, exten: str, context: str, *, linkedid: str) -> tuple[Channel, Channel]:
+        """``Local/<exten>@<context>-<n>;1`` (Down) and ``;2`` (Ring), their own name
+        counter, Uniqueids from the shared one (06c)."""
+        base = f"Local/{exten}@{context}-{self._local_seq:08x}"
+        self._local_seq += 1
+        halves: list[Channel] = []
+        for half, state in ((1, 0), (2, 4)):
+            chan = Channel(
+                name=f"{base};{half}", uniqueid=self.new_uniqueid(), linkedid=linkedid,
+                endpoint=f"{exten}@{context}", context=context, exten=exten, caller_num="",
+                caller_name="", state=state, clock=self.clock, channelvars=self.channelvars,
+            )
+            chan.local_half = half
+            self.channels[chan.name] = chan
+            halves.append(chan)
+        one, two = halves
+        one.local_peer, two.local_peer = two, one
+        for chan in halves:
+            self.emit_chan("Newchannel", chan)
+        return one, two
+
+    def _local_ringing(self, two: Channel, callee: Channel) -> bool:
+        """``;2``'s callee rings: ``;1`` goes Ringing, twice reported (06c)."""
+        one = two.local_peer
+        if one is None or one.hungup or one.state >= 5:
+            return False
+        one.caller_num, one.caller_name = callee.caller_num, callee.caller_name
+        two.connected_num, two.connected_name = callee.caller_num, callee.caller_name
+        self.emit_chan("NewConnectedLine", two)
+        if one.bridge is not None:
+            for peer in one.bridge.others(one):
+                peer.connected_num, peer.connected_name = callee.caller_num, callee.caller_name
+                self.emit_chan("NewConnectedLine", peer)
+        one.state = 5
+        for _ in range(2):
+            self.emit_chan("Newstate", one)
+            self.emit_chan("NewCallerid", one, [("CID-CallingPres", "0 (Presentation Allowed, Not Screened)")])
+        self._refresh_device(one.endpoint, one.tech)
+        return True
+
+    def _local_answered(self, two: Channel) -> None:
+        """``;2`` is answered: ``;1`` is Up first (and its requester sees ``DialEnd``)."""
+        one = two.local_peer
+        if one is None or one.hungup or one.state == 6:
+            return
+        one.state = 6
+        one.answered_at = self.clock.now()
+        self.emit_chan("Newstate", one)
+        if one.local_dialed:
+            self.emit_two("DialEnd", None, one, [("DialStatus", "ANSWER")])
+        one.wake()
+
+    def maybe_optimize_local(self, one: Channel) -> None:
+        """Schedule the optimisation of a Local pair once both halves are in two-party
+        bridges (06c: after the attended transfer completed)."""
+        two = one.local_peer
+        if (two is None or not one.local_optimize or one.bridge is None or two.bridge is None
+                or len(one.bridge.channels) != 2 or len(two.bridge.channels) != 2):
+            return
+        asyncio.get_running_loop().call_soon(optimize_local, self, one)
+
+    def next_optimization_id(self) -> int:
+        opt_id = self._local_opt_id
+        self._local_opt_id += 1
+        return opt_id
+
+    def atxfer(self, chan: Channel, code: str, exten: str) -> None:
+        """AMI ``Atxfer``: ``code`` (the ``atxfer`` feature) and ``exten`` are queued on
+        ``chan`` as DTMF; see :mod:`ctid.simulator.transfer`."""
+        self.spawn(run_atxfer(self, chan, code, exten), f"atxfer {chan.name}")
 
     # ------------------------------------------------------------------ Bridge action
     def bridge_channels(self, a: Channel, b: Channel) -> None:

@@ -10,7 +10,14 @@ from ctid.asterisk.ami_protocol import Message
 from ctid.simulator.ami_server import AMIServer
 from ctid.simulator.channels import Channel
 from ctid.simulator.clock import SimClock
-from ctid.simulator.config import Endpoint, QueueConfig, default_endpoints, default_queues
+from ctid.simulator.config import (
+    Endpoint,
+    FeatureConfig,
+    QueueConfig,
+    default_endpoints,
+    default_queues,
+    load_features_conf,
+)
 from ctid.simulator.dialplan import Dialplan, DialplanError
 from ctid.simulator.faults import AGIFaults, AMIFaults
 from ctid.simulator.pbx import PBX
@@ -24,6 +31,8 @@ class Simulator:
     when the dialplan uses an application the simulator does not implement.
     ``agi_address`` overrides host:port of every ``agi://`` URL (the environment still
     shows the URL as written). ``time_scale`` scales every simulated delay.
+    ``features``: a ``features.conf`` path or a :class:`FeatureConfig` (default: Asterisk's
+    built-in feature map, which has no ``atxfer`` code, so AMI ``Atxfer`` fails).
     """
 
     def __init__(
@@ -40,6 +49,7 @@ class Simulator:
         prompts: dict[str, float] | None = None,
         ami_faults: AMIFaults | None = None,
         agi_faults: AGIFaults | None = None,
+        features: str | Path | FeatureConfig | None = None,
         strict: bool = True,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -66,6 +76,7 @@ class Simulator:
             queues=queues if queues is not None else default_queues(),
             channelvars=tuple(channelvars), systemname=systemname, agi_address=agi_address,
             prompts=prompts, agi_faults=self.agi_faults,
+            features=load_features_conf(features) if isinstance(features, (str, Path)) else features,
         )
         self.ami = AMIServer(self.pbx, users=users or {"ctid": "ctidpass"}, host=host, port=port,
                              systemname=systemname, faults=self.ami_faults)
