@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from ctid.app import Daemon
+from ctid.calls import CHANNELVARS
 from ctid.config import AsteriskConfig, Config, ServiceLineConfig, TenantConfig
 
 log = structlog.get_logger(__name__)
@@ -64,7 +65,7 @@ async def run_demo(config: Config, *, calls: int = 0, rate: float | None = None)
     queues = {"ctid-fallback": QueueConfig("ctid-fallback", strategy="rrmemory", timeout=15, retry=2,
                                            members=[QueueMember(f"PJSIP/{n}", f"Agent {n}") for n in AGENTS])}
     sim = Simulator(dialplan=dialplan_path(), users={"ctid": DEMO_SECRET},
-                    channelvars=("CTID_CALL_ID", "CTID_QUEUE", "CTID_PRIO", "CTID_ENQUEUED"),
+                    channelvars=CHANNELVARS,
                     endpoints=endpoints, queues=queues, time_scale=config.simulator.time_scale)
     await sim.start()
     config = demo_config(config, sim.ami_port)

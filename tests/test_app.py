@@ -16,7 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from ctid.app import Daemon, DaemonFailed
-from ctid.calls import CallState, HangupBy
+from ctid.calls import CHANNELVARS, CallState, HangupBy
 from ctid.config import Config, parse
 from ctid.simulator import Simulator
 from ctid.simulator.config import Endpoint, QueueConfig, QueueMember
@@ -27,7 +27,6 @@ from tests import services
 ROOT = Path(__file__).resolve().parent.parent
 DIALPLAN = ROOT / "dialplans" / "ctid.conf"
 SECRET = "test-secret"
-CHANNELVARS = ("CTID_CALL_ID", "CTID_QUEUE", "CTID_PRIO", "CTID_ENQUEUED")
 
 
 def make_sim(**kw: object) -> Simulator:
@@ -178,8 +177,14 @@ async def test_model_equals_asterisk_channels_within_2s_of_relogin(tmp_path: Pat
         await until(views_agree, 2.0)
         assert loop.time() - relogin < 2.0
         assert first.uniqueid not in model.channels and second.uniqueid in model.channels
-        ended = [c for c in [model.get(k) for k in list(model.calls)] if c is not None]
-        assert all(c.active for c in ended)
+        # The call that vanished while the link was down ended, with nobody to blame.
+        vanished = model.get(first.variables["__CTID_CALL_ID"])
+        assert vanished is not None and vanished.state is CallState.ENDED and vanished.hangup_by is HangupBy.UNKNOWN
+        # The call that started during the outage was adopted from CoreShowChannels while
+        # it sat in the fallback queue (exten "s"): the exported variables say where from.
+        adopted = model.get(third.variables["__CTID_CALL_ID"])
+        assert adopted is not None and adopted.active
+        assert (adopted.tenant, adopted.service_line, adopted.dnis) == ("acme", "acme-support", "200")
 
 
 async def test_rejected_ami_login_is_fatal_with_a_clear_reason(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Calls: a pure model of Asterisk calls, fed AMI events (entry module: :mod:`ctid.calls.model`)."""
 
 from ctid.calls.model import (
+    CHANNELVARS,
     Call,
     CallChange,
     CallModel,
@@ -16,6 +17,7 @@ from ctid.calls.model import (
 from ctid.calls.states import MARKABLE, TRANSITIONS, CallState, CallStateError, Source
 
 __all__ = [
+    "CHANNELVARS",
     "MARKABLE",
     "TRANSITIONS",
     "Call",

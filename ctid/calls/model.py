@@ -97,11 +97,12 @@ import enum
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ctid.asterisk.ami_protocol import Message, MessageKind
+from ctid.asterisk.safety import ID_PATTERN
 from ctid.calls.states import CallState, CallStateError, Source, allowed, check_mark
 
 if TYPE_CHECKING:
@@ -123,6 +124,12 @@ __all__ = [
 
 #: Longest call id the store accepts (``ctid.store.models.CALL_ID_LEN``).
 MAX_CALL_ID = 64
+
+#: The channel variables ctid reads from AMI events: manager.conf ``channelvars`` must
+#: list them, CTID_CALL_ID first (the model's fast path reads the first line).
+CHANNELVARS = ("CTID_CALL_ID", "CTID_TENANT", "CTID_SERVICE_LINE", "CTID_DNIS", "CTID_QUEUE", "CTID_PRIO",
+               "CTID_ENQUEUED")
+_ID_RE = re.compile(ID_PATTERN)
 DEFAULT_TENANT = "default"
 DEFAULT_INTERNAL_CONTEXTS: frozenset[str] = frozenset({"from-agents", "from-internal"})
 
@@ -375,6 +382,20 @@ _PLAIN = _Keys(
     "ChanVariable",
 )
 _DEST = _Keys(*("Dest" + key for key in _PLAIN))
+
+
+def _duration(value: str | None) -> float:
+    """``Duration: HH:MM:SS`` of ``CoreShowChannel`` in seconds (0 when absent or odd)."""
+    if not value:
+        return 0.0
+    try:
+        parts = [int(p) for p in value.split(":")]
+    except ValueError:
+        return 0.0
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + part
+    return float(max(0, seconds))
 
 
 def _ctid_value(event: Message, key: str) -> str:
@@ -683,7 +704,8 @@ class CallModel:
         return leg
 
     def _usable_id(self, call_id: str) -> bool:
-        return len(call_id) <= MAX_CALL_ID and call_id not in self._dead_calls
+        # Ids end up in MQTT topics, URLs and file names: only the safe id alphabet.
+        return _ID_RE.fullmatch(call_id) is not None and call_id not in self._dead_calls
 
     def _new_key(self, linkedid: str, uid: str) -> str:
         if linkedid not in self._dead_calls and len(linkedid) <= MAX_CALL_ID:
@@ -727,10 +749,12 @@ class CallModel:
             context = event.get(keys.context) or ""
             exten = event.get(keys.exten) or ""
             target = None
+            created = now
             if resync:
                 data = (event.get("ApplicationData") or "").partition(",")[0]
                 if event.get("Application") in ("Dial", "Queue"):
                     target = external_number(data)
+                created = now - timedelta(seconds=_duration(event.get("Duration")))
             if target is not None or code == _DOWN:
                 direction = Direction.OUTBOUND
             elif context in self._internal:
@@ -743,19 +767,31 @@ class CallModel:
                 call_id=call_id or self._new_key(linkedid, uid),
                 linkedid=linkedid,
                 direction=direction,
-                created_at=now,
+                created_at=created,
                 provisional=not call_id,
                 caller_number=_caller_id(event.get(keys.caller_num)),
                 caller_name=_caller_id(event.get(keys.caller_name)),
             )
             if direction is Direction.OUTBOUND:
                 call.dnis = target
-            elif exten and exten != "s":
-                call.dnis = exten
+            else:
+                # A channel found by a resync may sit in another context by now (a hold
+                # or the fallback queue, exten "s"): the dialplan's exported variables
+                # still say where it came in.
+                exported = event.chan_variables(keys.chanvar) if resync else {}
+                dnis = exported.get("CTID_DNIS") or (exten if exten and exten != "s" else "")
+                call.dnis = dnis or None
                 if direction is Direction.INBOUND and self._tenant_for_dnis is not None:
-                    call.tenant, call.service_line = self._tenant_for_dnis(exten)
+                    call.tenant, call.service_line = self._tenant_for_dnis(dnis or "s")
+                tenant, line = exported.get("CTID_TENANT", ""), exported.get("CTID_SERVICE_LINE", "")
+                if _ID_RE.fullmatch(tenant):
+                    call.tenant = tenant
+                if _ID_RE.fullmatch(line):
+                    call.service_line = line
+                if resync:
+                    call.data["recovered"] = True
             self._calls[call.call_id] = call
-            out.append(CallChange(ChangeKind.STARTED, call.call_id, call, now, None, CallState.RINGING))
+            out.append(CallChange(ChangeKind.STARTED, call.call_id, call, created, None, CallState.RINGING))
         elif (
             resync
             and not local
@@ -767,7 +803,8 @@ class CallModel:
         if linkedid not in self._by_linkedid:
             self._by_linkedid[linkedid] = call
             call.linkedids.append(linkedid)
-        leg = Leg(channel, uid, linkedid, role, call, now, _CHANNEL_STATES.get(code, code))
+        leg_created = now - timedelta(seconds=_duration(event.get("Duration"))) if resync else now
+        leg = Leg(channel, uid, linkedid, role, call, leg_created, _CHANNEL_STATES.get(code, code))
         if code == _UP:
             leg.answered_at = now
         self._by_uid[uid] = leg
@@ -785,7 +822,10 @@ class CallModel:
         if leg.rejected_id == call_id:
             return
         leg.rejected_id = call_id
-        why = "is too long" if len(call_id) > MAX_CALL_ID else "names a call that has ended"
+        if _ID_RE.fullmatch(call_id) is None:
+            why = "is not a valid id ([A-Za-z0-9_.-]{1,64})"
+        else:
+            why = "names a call that has ended"
         out.append(
             CallChange(
                 ChangeKind.DIAGNOSTIC,
