@@ -45,17 +45,24 @@ from pydantic import (
     model_validator,
 )
 
-from ctid.asterisk.safety import ID_PATTERN
+from ctid.asterisk.safety import UnsafeValueError, check_ami_value, check_id
 
-_ID_RE = re.compile(ID_PATTERN)
 _DNIS_RE = re.compile(r"^(\+?[0-9*#]{1,32}|s)$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 
 
 def _check_id(value: str) -> str:
-    if not _ID_RE.fullmatch(value):
-        raise ValueError("must match [A-Za-z0-9_.-]{1,64}")
-    return value
+    try:
+        return check_id(value)
+    except UnsafeValueError:
+        raise ValueError("must match [A-Za-z0-9_.-]{1,64} and not be only dots") from None
+
+
+def _no_crlf(value: str) -> str:
+    try:
+        return check_ami_value(value, "value")
+    except UnsafeValueError:
+        raise ValueError("must not contain CR, LF or NUL characters") from None
 
 
 def _check_host(value: str) -> str:
@@ -109,6 +116,17 @@ class MQTTConfig(_Section):
     client_id: str = ""
     """Empty: derived from the instance id."""
 
+    @field_validator("username", "client_id")
+    @classmethod
+    def _plain(cls, value: str) -> str:
+        return _no_crlf(value)
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, value: SecretStr) -> SecretStr:
+        _no_crlf(value.get_secret_value())
+        return value
+
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
@@ -151,6 +169,12 @@ class AsteriskConfig(_Section):
     username: str = "ctid"
     secret: SecretStr = SecretStr("")
     """AMI secret; ``CTID_AMI_SECRET`` or ``CTID_AMI_SECRET_<ID>`` overrides it."""
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: SecretStr) -> SecretStr:
+        _no_crlf(value.get_secret_value())  # it goes into the Login action as is
+        return value
     connect_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
     action_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
     ping_interval: Annotated[float, Field(gt=0, le=300)] = 10.0
@@ -344,42 +368,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        problems: list[str] = []
-        _unique(problems, "asterisk", [a.id for a in self.asterisk])
-        _unique(problems, "tenants", [t.id for t in self.tenants])
-        _unique(problems, "service_lines", [s.id for s in self.service_lines])
-        _unique(problems, "tokens", [t.name for t in self.tokens])
-        _unique(problems, "agents", [a.id for a in self.agents])
-        _unique(problems, "queues", [q.id for q in self.queues])
-        tenants = {t.id for t in self.tenants}
-        agents = {a.id: a for a in self.agents}
-        owned: list[tuple[str, list[str]]] = [("agents", [a.tenant for a in self.agents]),
-                                              ("queues", [q.tenant for q in self.queues])]
-        for section, owners in owned:
-            for i, owner in enumerate(owners):
-                if owner not in tenants:
-                    problems.append(f"{section}[{i}].tenant: unknown tenant {owner!r}")
-        for i, token in enumerate(self.tokens):
-            if token.tenant is not None and token.tenant not in tenants:
-                problems.append(f"tokens[{i}].tenant: unknown tenant {token.tenant!r}")
-            if token.agent_id is not None:
-                agent = agents.get(token.agent_id)
-                if agent is None:
-                    problems.append(f"tokens[{i}].agent_id: unknown agent {token.agent_id!r}")
-                elif agent.tenant != token.tenant:
-                    problems.append(f"tokens[{i}].agent_id: agent {token.agent_id!r} is in tenant {agent.tenant!r}")
-        seen: dict[str, str] = {}
-        for i, line in enumerate(self.service_lines):
-            if line.tenant not in tenants:
-                problems.append(f"service_lines[{i}].tenant: unknown tenant {line.tenant!r}")
-            for number in line.dnis:
-                other = seen.setdefault(number, line.id)
-                if other != line.id:
-                    problems.append(
-                        f"service_lines[{i}].dnis: {number!r} is already used by line {other!r}"
-                    )
-        if not self.asterisk:
-            problems.append("asterisk: at least one [[asterisk]] link is required")
+        problems = reference_problems(self.model_dump(mode="python"))
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -396,6 +385,53 @@ class Config(_Section):
             if dnis in line.dnis:
                 return line
         return None
+
+
+def _items(data: Mapping[str, Any], section: str) -> list[Mapping[str, Any]]:
+    value = data.get(section)
+    if not isinstance(value, list):
+        return []
+    return [item if isinstance(item, Mapping) else {} for item in value]
+
+
+def reference_problems(data: Mapping[str, Any]) -> list[str]:
+    """Cross-references between sections (``key: reason`` strings).
+
+    Works on plain data, so ``check-config`` can run it even when some fields are
+    invalid and report those problems together with the field errors."""
+    problems: list[str] = []
+    sections = {"asterisk": "id", "tenants": "id", "service_lines": "id", "tokens": "name",
+                "agents": "id", "queues": "id"}
+    for section, key in sections.items():
+        _unique(problems, section, [str(item.get(key, "")) for item in _items(data, section)])
+    tenants = {item.get("id") for item in _items(data, "tenants")} if "tenants" in data else {"default"}
+    agents = {item.get("id"): item for item in _items(data, "agents")}
+    for section in ("agents", "queues", "service_lines"):
+        for i, item in enumerate(_items(data, section)):
+            owner = item.get("tenant")
+            if isinstance(owner, str) and owner not in tenants:
+                problems.append(f"{section}[{i}].tenant: unknown tenant {owner!r}")
+    for i, token in enumerate(_items(data, "tokens")):
+        owner = token.get("tenant")
+        if isinstance(owner, str) and owner not in tenants:
+            problems.append(f"tokens[{i}].tenant: unknown tenant {owner!r}")
+        agent_id = token.get("agent_id")
+        if isinstance(agent_id, str):
+            agent = agents.get(agent_id)
+            if agent is None:
+                problems.append(f"tokens[{i}].agent_id: unknown agent {agent_id!r}")
+            elif agent.get("tenant") != owner:
+                problems.append(f"tokens[{i}].agent_id: agent {agent_id!r} is in tenant {agent.get('tenant')!r}")
+    seen: dict[str, str] = {}
+    for i, line in enumerate(_items(data, "service_lines")):
+        numbers = line.get("dnis")
+        for number in numbers if isinstance(numbers, list) else []:
+            other = seen.setdefault(str(number), str(line.get("id")))
+            if other != str(line.get("id")):
+                problems.append(f"service_lines[{i}].dnis: {number!r} is already used by line {other!r}")
+    if "asterisk" in data and not _items(data, "asterisk"):
+        problems.append("asterisk: at least one [[asterisk]] link is required")
+    return problems
 
 
 def _unique(problems: list[str], section: str, ids: list[str]) -> None:
@@ -470,10 +506,16 @@ def parse(data: dict[str, Any], *, source: str = "<config>",
         for err in exc.errors():
             loc = tuple(err["loc"])
             msg = str(err["msg"]).removeprefix("Value error, ")
-            if not loc and "; " in msg:
+            if not loc:
                 problems.extend(_split_model_problems(source, msg))
             else:
                 problems.append(Problem(source, _dotted(loc), msg))
+        # The cross-reference check only runs inside pydantic when every field is
+        # valid; run it on the raw data too, so one pass lists every problem.
+        known = {(p.key, p.reason) for p in problems}
+        for extra in _split_model_problems(source, "; ".join(reference_problems(data))):
+            if extra.key and (extra.key, extra.reason) not in known:
+                problems.append(extra)
         raise ConfigError(problems) from None
 
 

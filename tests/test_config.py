@@ -139,3 +139,29 @@ def test_ids_with_a_trailing_newline_are_rejected() -> None:
     with pytest.raises(ConfigError) as info:
         parse({"tenants": [{"id": "acme\n"}]}, env={})
     assert info.value.problems[0].key == "tenants[0].id"
+
+
+def test_field_errors_and_cross_references_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"tenants": [{"id": "acme", "timezone": "Mars/Olympus"}],
+               "service_lines": [{"id": "a", "tenant": "nobody", "dnis": ["100"]}]}, env={})
+    keys = {p.key for p in info.value.problems}
+    assert {"tenants[0].timezone", "service_lines[0].tenant"} <= keys
+
+
+@pytest.mark.parametrize("ident", [".", "..", "..."])
+def test_ids_made_only_of_dots_are_rejected(ident: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"tenants": [{"id": ident}]}, env={})
+    assert info.value.problems[0].key == "tenants[0].id"
+
+
+def test_secrets_with_line_breaks_are_config_errors_not_runtime_surprises() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"asterisk": [{"id": "pbx1", "secret": "x\r\nAction: Originate"}],
+               "mqtt": {"host": "127.0.0.1", "username": "u\nv"}}, env={})
+    keys = {p.key for p in info.value.problems}
+    assert {"asterisk[0].secret", "mqtt.username"} <= keys
+    assert "Originate" not in str(info.value)
+    with pytest.raises(ConfigError):
+        parse({}, env={"CTID_AMI_SECRET": "a\rb"})
