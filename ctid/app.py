@@ -364,7 +364,8 @@ class Daemon:
 
     async def _inbound(self, session: AGISession) -> None:
         """``agi://ctid/inbound?dnis=...``: identify the call, then hand it on."""
-        dnis = (session.query.get("dnis") or [session.env.get("agi_extension", "s")])[0]
+        # The dialplan FILTERs the DNIS to digits and '+'; "s" (no DNIS) arrives empty.
+        dnis = (session.query.get("dnis") or [""])[0] or "s"
         line = self.config.line_for_dnis(dnis)
         tenant = line.tenant if line else self.config.tenants[0].id
         try:

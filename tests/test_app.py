@@ -333,3 +333,14 @@ async def test_caller_hangup_during_the_agi_dialog_releases_the_channel_promptly
         assert call_id is not None
         ended = model.get(call_id)
         assert ended is not None and ended.state is CallState.ENDED and ended.hangup_by is HangupBy.CALLER
+
+
+async def test_hostile_dnis_is_filtered_before_it_reaches_fastagi(tmp_path: Path) -> None:
+    sim = make_sim()
+    async with running(sim, make_config(0, f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")) as daemon:
+        chan = sim.inbound_call(dnis="200&call_id=evil", caller="+15551230020")
+        await until(lambda: chan.variables.get("CTID_ROUTE") == "fallback")
+        assert chan.variables["__CTID_DNIS"] == "200"
+        assert chan.variables["__CTID_SERVICE_LINE"] == "acme-support"
+        assert chan.variables["__CTID_CALL_ID"] != "evil"
+        assert daemon.agi.session_count == 0

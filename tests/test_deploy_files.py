@@ -242,9 +242,15 @@ def find_exten(dp: Dialplan, context: str, exten: str) -> str:
 
 def substitute(text: str, variables: dict[str, str]) -> str:
     # Innermost first; unknown variables and functions become empty, as in Asterisk.
+    # FILTER(0-9+,value) is the one function the dialplan uses.
     pattern = re.compile(r"\$\{([^${}]*)\}")
     while (m := pattern.search(text)) is not None:
-        text = text[:m.start()] + variables.get(m.group(1), "") + text[m.end():]
+        expr = m.group(1)
+        if expr.startswith("FILTER(0-9+,") and expr.endswith(")"):
+            value = "".join(c for c in expr[len("FILTER(0-9+,"):-1] if c.isdigit() or c == "+")
+        else:
+            value = variables.get(expr, "")
+        text = text[:m.start()] + value + text[m.end():]
     return text
 
 
@@ -385,9 +391,10 @@ def test_ctid_unreachable_falls_back_to_the_native_queue(dialled: str) -> None:
     assert result.end == "Queue", result.apps
     assert result.apps[-1][1].split(",")[0] == "ctid-fallback"
     agi = [args for app, args in result.apps if app == "AGI"]
-    assert agi == [f"agi://127.0.0.1:4573/inbound?dnis={dialled}"]
+    shown = "" if dialled == "s" else dialled  # FILTER keeps digits and '+' only
+    assert agi == [f"agi://127.0.0.1:4573/inbound?dnis={shown}"]
     assert ("Answer", "") in result.apps
-    assert result.variables["CTID_DNIS"] == dialled
+    assert result.variables["CTID_DNIS"] == shown
 
 
 @pytest.mark.parametrize("status", ["NOTFOUND", ""])
@@ -724,3 +731,9 @@ def test_deploy_files_hold_no_absolute_work_paths() -> None:
              ROOT / "deploy" / "mosquitto" / "mosquitto.conf", *sorted(CONF_DIR.iterdir())]
     for path in files:
         assert "/work/" not in path.read_text(encoding="utf-8"), path
+
+
+def test_a_hostile_dnis_cannot_add_agi_query_arguments_or_arguments() -> None:
+    result = walk(load_dialplan(), "ctid-inbound", "200&call_id=x,evil?y", agistatus="FAILURE")
+    agi = [args for app, args in result.apps if app == "AGI"]
+    assert agi == ["agi://127.0.0.1:4573/inbound?dnis=200"]

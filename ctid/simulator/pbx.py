@@ -491,6 +491,10 @@ class PBX:
     def _read_function(self, chan: Channel | None, func: str, arg: str) -> str:
         if func == "LEN":
             return str(len(arg))
+        if func == "FILTER":
+            allowed, _, value = arg.partition(",")
+            keep = _filter_chars(allowed)
+            return "".join(c for c in value if c in keep)
         if chan is None:
             return ""
         if func == "CALLERID":
@@ -1351,3 +1355,24 @@ def _parse_callerid(text: str) -> tuple[str, str]:
 
 
 __all__ = ["GOTO", "PBX", "split_app"]
+
+
+def _filter_chars(spec: str) -> set[str]:
+    """The character set of ``FILTER(<allowed>,...)``: literal characters and ``a-b``
+    ranges, as func_strings.c reads them (a backslash escapes the next character)."""
+    chars: set[str] = set()
+    i = 0
+    while i < len(spec):
+        c = spec[i]
+        if c == "\\" and i + 1 < len(spec):
+            c = spec[i + 1]
+            i += 1
+        if i + 2 < len(spec) and spec[i + 1] == "-":
+            end = spec[i + 2]
+            chars.update(chr(x) for x in range(ord(c), ord(end) + 1))
+            i += 3
+            continue
+        chars.add(c)
+        i += 1
+    return chars
+
