@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -244,7 +245,10 @@ def _write_config(path: Path, ami_port: int, agi_port: int, secret: str) -> None
     )
 
 
-async def test_ctid_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_ctid_run_stops_in_order_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    """FastAGI sessions are closed first, then AMI logs off, then the call records are
+    written, and the process exits 0."""
     sim = make_sim()
     await sim.start()
     try:
@@ -254,15 +258,39 @@ async def test_ctid_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         try:
             await until(lambda: any(sess.authenticated for sess in sim.ami.sessions), 20)
             await asyncio.to_thread(services.wait_for_port, agi_port, 10)
-            proc.send_signal(signal.SIGTERM)
+            sim.pbx.agi_address = ("127.0.0.1", agi_port)
+            chan = sim.inbound_call(dnis="200", caller="+15551230030")  # a call is up
+            await until(lambda: chan.variables.get("CTID_ROUTE") == "fallback")
+            # A FastAGI session that is mid-command: "Asterisk" never answers GET VARIABLE.
+            reader, writer = await asyncio.open_connection("127.0.0.1", agi_port)
+            writer.write(b"agi_network: yes\nagi_network_script: inbound?dnis=200\n"
+                         b"agi_channel: PJSIP/trunk-000000ff\nagi_uniqueid: 1796000000.255\n\n")
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"GET VARIABLE")
+            logoffs = [0]
+            original = sim.ami.actions["logoff"]
+
+            def counting_logoff(session: object, action: object) -> None:
+                logoffs[0] += 1
+                original(session, action)  # type: ignore[arg-type]
+
+            sim.ami.actions["logoff"] = counting_logoff
+            proc.send_signal(sig)
+            # The open session is closed by ctid: Asterisk would free the channel now.
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
             out, _ = await asyncio.to_thread(proc.communicate, timeout=20)
         finally:
             if proc.poll() is None:
                 proc.kill()
         assert proc.returncode == 0, out
-        lines = out.splitlines()
-        assert any('"ctid.stopped"' in line for line in lines), out
-        assert any('"agi.stopped"' in line for line in lines)
+        names = [json.loads(line).get("event") for line in out.splitlines() if line.startswith("{")]
+        assert names.index("agi.stopped") < names.index("ctid.stopped")
+        assert logoffs[0] == 1
+        stopped = json.loads(next(line for line in out.splitlines() if '"ctid.stopped"' in line))
+        assert stopped["records_unsaved"] == 0
+        async with Database(f"sqlite+aiosqlite:///{tmp_path / 'run.db'}") as db:
+            records = await CallStore(db.sessions).list_calls()
+        assert [r.caller_number for r in records] == ["+15551230030"]
     finally:
         await sim.stop()
 
