@@ -1,7 +1,8 @@
 """The asyncio AMI client: one link to one Asterisk, on top of ``ami_protocol``.
 
-How it behaves (each point is tested in ``tests/test_ami_client.py`` against the
-simulator and against raw replays of real captures):
+How it behaves (each point is tested over real sockets: ``tests/test_ami_client.py``
+against a scripted peer that misbehaves on cue, ``tests/test_ami_faults.py`` against
+the simulator's fault injection):
 
 * **Login is checked.** ``Response: Error`` to the Login (Asterisk answers
   ``Authentication failed`` and closes, capture 01b) raises :class:`AMILoginError` out of

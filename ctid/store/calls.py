@@ -63,7 +63,8 @@ class CallRecord:
     """The full state of one call as it is stored.
 
     ``direction`` is "inbound", "outbound" or "internal". ``hangup_by`` says who
-    ended it ("caller", "ctid", "agent", "system") or is None while unknown.
+    ended it ("caller", "ctid", "agent", "system", or "unknown" when the channels
+    vanished while the AMI link was down) and is None while the call is up.
     ``data`` holds JSON-serialisable values such as IVR variables. Timestamps
     must be timezone-aware; they come back from the store in UTC.
     """
