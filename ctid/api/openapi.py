@@ -1,0 +1,307 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at ``GET /api/v1/openapi.json``.
+
+Written as Python data (not a JSON file) so it ships inside the package and shares
+constants with the code: the agent states, pause reasons, event types and limits
+come from the modules that enforce them. ``tests/test_api_rest.py`` checks that
+every route the application serves is described here, and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from ctid.agents.states import DEFAULT_PAUSE_REASONS, AgentState
+from ctid.api.commands import COMMANDS
+from ctid.calls import CallState
+from ctid.events.schema import EVENT_TYPES
+
+__all__ = ["document"]
+
+JSON = dict[str, Any]
+_JSON_MEDIA: Final = "application/json"
+
+
+def _ref(name: str) -> JSON:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: JSON, description: str) -> JSON:
+    return {"description": description, "content": {_JSON_MEDIA: {"schema": schema}}}
+
+
+def _error(description: str) -> JSON:
+    return _json(_ref("Error"), description)
+
+
+def _nullable(kind: str, **extra: Any) -> JSON:
+    return {"type": [kind, "null"], **extra}
+
+
+_TS: Final = {"type": "string", "format": "date-time", "description": "ISO-8601 UTC with milliseconds and Z"}
+_TS_OR_NULL: Final = {"type": ["string", "null"], "format": "date-time"}
+_AUTH_ERRORS: Final = {"401": _error("Missing, invalid or expired token."),
+                       "403": _error("The token's role or tenant does not allow this.")}
+
+_SCHEMAS: Final[JSON] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "enum": [
+                    "bad_json", "bad_request", "unauthorized", "forbidden", "not_found", "method_not_allowed",
+                    "wrong_state", "too_large", "rate_limited", "unavailable", "internal", "http_error"]},
+                "message": {"type": "string"},
+                "state": {"type": "string", "enum": [s.value for s in AgentState],
+                          "description": "With wrong_state (409): the agent's current state."},
+                "field": {"type": "string", "description": "The request field that was refused."},
+                "retry_after": {"type": "integer", "description": "With rate_limited (429): seconds to wait."},
+            }}},
+    },
+    "AgentState": {
+        "type": "object", "required": ["state", "reason", "device", "since", "previous", "calls"],
+        "properties": {
+            "state": {"type": "string", "enum": [s.value for s in AgentState]},
+            "reason": _nullable("string", description="Pause reason code when paused"),
+            "device": _nullable("string", description="Device the agent is logged in to, e.g. PJSIP/1001"),
+            "since": _TS,
+            "previous": {"type": ["string", "null"], "enum": [*(s.value for s in AgentState), None]},
+            "calls": {"type": "integer", "minimum": 0,
+                      "description": "How many calls the agent handles (reserved, on the call, wrap-up)"},
+        },
+    },
+    "Agent": {
+        "allOf": [_ref("AgentState"), {
+            "type": "object", "required": ["agent_id", "tenant", "name", "skills", "max_calls", "call_ids"],
+            "properties": {
+                "call_ids": {"type": "array", "items": {"type": "string"},
+                             "description": "Ids of the calls the agent handles"},
+                "agent_id": {"type": "string"}, "tenant": {"type": "string"}, "name": {"type": "string"},
+                "skills": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1,
+                                                                      "maximum": 10}},
+                "max_calls": {"type": "integer"},
+            }}],
+    },
+    "AgentResult": {"type": "object", "required": ["agent"], "properties": {"agent": _ref("Agent")}},
+    "Leg": {
+        "type": "object", "required": ["channel", "role", "created_at"],
+        "properties": {"channel": {"type": "string"}, "role": {"type": "string"}, "created_at": _TS,
+                       "answered_at": _TS_OR_NULL, "ended_at": _TS_OR_NULL},
+    },
+    "Call": {
+        "type": "object",
+        "required": ["call_id", "state", "direction", "caller", "dnis", "tenant", "created_at"],
+        "properties": {
+            "call_id": {"type": "string"},
+            "state": {"type": "string", "enum": [s.value for s in CallState]},
+            "direction": {"type": "string", "enum": ["inbound", "outbound", "internal"]},
+            "caller": {"type": "object", "properties": {
+                "number": _nullable("string"), "name": _nullable("string"),
+                "e164": _nullable("string", description="E.164 form where the number allows it")}},
+            "dnis": _nullable("string"),
+            "service_line": _nullable("string"),
+            "tenant": {"type": "string"},
+            "agent_id": _nullable("string", description="The agent handling the call, when ctid routed it"),
+            "created_at": _TS, "answered_at": _TS_OR_NULL, "ended_at": _TS_OR_NULL,
+            "hangup_by": _nullable("string"),
+            "legs": {"type": "array", "items": _ref("Leg")},
+        },
+    },
+    "Queue": {
+        "type": "object", "required": ["queue_id", "tenant", "name", "stats"],
+        "properties": {
+            "queue_id": {"type": "string"}, "tenant": {"type": "string"}, "name": {"type": "string"},
+            "stats": {
+                "type": "object",
+                "description": "Queue statistics. PLACEHOLDERS: every field is null until the ACD issue "
+                               "computes them; the field names are the contract.",
+                "properties": {
+                    "waiting": _nullable("integer"), "longest_wait_s": _nullable("number"),
+                    "agents_by_state": {"type": ["object", "null"],
+                                        "additionalProperties": {"type": "integer"}},
+                    "service_level_today": _nullable("number"),
+                }},
+        },
+    },
+    "Event": {
+        "type": "object", "description": "The event envelope (docs/events.md, docs/schema/).",
+        "required": ["v", "seq", "id", "ts", "type", "tenant", "call_id", "agent_id", "queue", "data"],
+        "properties": {
+            "v": {"type": "integer", "const": 1}, "seq": {"type": "integer"}, "id": {"type": "string"},
+            "ts": _TS, "type": {"type": "string", "enum": sorted(EVENT_TYPES)},
+            "tenant": _nullable("string"), "call_id": _nullable("string"), "agent_id": _nullable("string"),
+            "queue": _nullable("string"), "data": {"type": "object"},
+        },
+    },
+    "Health": {
+        "type": "object", "required": ["status", "reasons", "ami", "agi", "db", "broker", "event_lag"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "reasons": {"type": "array", "items": {"type": "string"},
+                        "description": "Why the status is unavailable (empty when ok)"},
+            "ami": {"type": ["object", "null"], "description": "Per AMI link: state (logged_in, ...), last_error"},
+            "agi": {"type": ["object", "null"], "description": "FastAGI: listening, port, sessions"},
+            "db": {"description": "Database / outbox state"},
+            "broker": {"description": "MQTT broker state (null when MQTT is off)"},
+            "event_lag": {"description": "Events not yet committed to the outbox"},
+        },
+    },
+}
+
+
+def _agent_command(command: str, summary: str, body: JSON | None) -> JSON:
+    op: JSON = {
+        "operationId": f"agent_{command}",
+        "summary": summary,
+        "tags": ["agents"],
+        "security": [{"bearer": []}],
+        "parameters": [{"name": "agent_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {
+            "200": _json(_ref("AgentResult"), "The agent after the command."),
+            "400": _error("Malformed JSON, unknown or invalid field."),
+            **_AUTH_ERRORS,
+            "404": _error("Unknown agent."),
+            "409": _error("Not allowed in the agent's current state; error.state tells it."),
+            "413": _error("Body larger than max_message_bytes."),
+        },
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {_JSON_MEDIA: {"schema": body}}}
+    return {"post": op}
+
+
+def _list(op_id: str, summary: str, key: str, item: str, params: list[JSON], description: str = "") -> JSON:
+    return {"get": {
+        "operationId": op_id, "summary": summary, "description": description, "tags": ["lists"],
+        "security": [{"bearer": []}],
+        "parameters": params,
+        "responses": {
+            "200": _json({"type": "object", "required": [key],
+                          "properties": {key: {"type": "array", "items": _ref(item)}}}, summary),
+            "400": _error("Invalid query parameter."),
+            **_AUTH_ERRORS,
+        },
+    }}
+
+
+def _query(name: str, schema: JSON, description: str) -> JSON:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+_TENANT_Q: Final = _query("tenant", {"type": "string"}, "Admins: limit to one tenant. Others: their own only.")
+_LIMIT_Q: Final = _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                         "Most items returned")
+
+
+def _commands() -> JSON:
+    bodies: dict[str, tuple[str, JSON | None]] = {
+        "login": ("Hot-desk login to a device; the agent becomes ready.", {
+            "type": "object", "required": ["device"], "additionalProperties": False,
+            "properties": {"device": {"type": "string", "examples": ["PJSIP/1001", "DAHDI/1"]}}}),
+        "logout": ("Log out (not while reserved or on a call).", None),
+        "ready": ("Become ready (from paused).", None),
+        "pause": ("Pause with a reason code.", {
+            "type": "object", "required": ["reason"], "additionalProperties": False,
+            "properties": {"reason": {"type": "string", "examples": list(DEFAULT_PAUSE_REASONS),
+                                      "description": "A configured reason code; default list: "
+                                                     + ", ".join(DEFAULT_PAUSE_REASONS)}}}),
+        "wrapup": ("End wrap-up: publishes call.wrapup, then the agent is ready.", {
+            "type": "object", "required": ["call_id"], "additionalProperties": False,
+            "properties": {"call_id": {"type": "string"}, "disposition": {"type": "string", "maxLength": 64},
+                           "notes": {"type": "string", "maxLength": 4000}}}),
+    }
+    assert set(bodies) == set(COMMANDS), "every agent command is documented"
+    return {f"/api/v1/agents/{{agent_id}}/{name}": _agent_command(name, summary, body)
+            for name, (summary, body) in bodies.items()}
+
+
+def document() -> JSON:
+    """The OpenAPI 3.1 document (a fresh dict)."""
+    paths: JSON = {
+        "/api/v1/auth/login": {"post": {
+            "operationId": "sign_in", "summary": "Desktop sign-in with the agent id and PIN or password",
+            "description": "Returns a session token that expires after session_ttl seconds. Failed attempts "
+                           "are limited per agent id and per client address (login_attempts_per_minute).",
+            "tags": ["auth"], "security": [],
+            "requestBody": {"required": True, "content": {_JSON_MEDIA: {"schema": {
+                "type": "object", "required": ["agent_id", "secret"], "additionalProperties": False,
+                "properties": {"agent_id": {"type": "string"}, "secret": {"type": "string", "maxLength": 1024}}}}}},
+            "responses": {
+                "200": _json({"type": "object", "required": ["token", "expires_at", "agent_id", "tenant"],
+                              "properties": {"token": {"type": "string"}, "expires_at": _TS,
+                                             "agent_id": {"type": "string"}, "tenant": {"type": "string"}}},
+                             "Signed in."),
+                "400": _error("Malformed JSON or fields."),
+                "401": _error("Unknown agent or wrong secret."),
+                "413": _error("Body too large."),
+                "429": {**_error("Too many failed sign-ins."),
+                        "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+            },
+        }},
+        **_commands(),
+        "/api/v1/agents": _list("list_agents", "Agents and their state", "agents", "Agent", [_TENANT_Q],
+                                "Agents see only themselves."),
+        "/api/v1/calls": _list("list_calls", "Calls", "calls", "Call", [
+            _query("state", {"type": "string", "enum": [s.value for s in CallState]},
+                   "Only calls in this state. Without it: every active call. 'ended': recent ended calls "
+                   "from the store (503 when no store is wired)."),
+            _TENANT_Q, _LIMIT_Q], "Agents see only the calls they handle or that ring their device."),
+        "/api/v1/queues": _list("list_queues", "Queues", "queues", "Queue", [_TENANT_Q],
+                                "Statistics are placeholders (null) until the ACD issue fills them."),
+        "/api/v1/events": {"get": {
+            "operationId": "replay_events", "summary": "Replay events after a seq",
+            "description": "The same replay as the websocket resume, for consumers that were offline. "
+                           "Scoped like the websocket: agents get their own events, supervisors and "
+                           "integrations their tenant's, admins all. A scoped slice has gaps in seq.",
+            "tags": ["events"], "security": [{"bearer": []}],
+            "parameters": [
+                _query("after_seq", {"type": "integer", "minimum": 0, "default": 0}, "Events with a greater seq"),
+                _LIMIT_Q,
+                _query("types", {"type": "string"}, "Comma-separated event types"),
+                _query("agent_id", {"type": "string"}, "Only this agent's events"),
+                _query("call_id", {"type": "string"}, "Only this call's events"),
+                _TENANT_Q,
+            ],
+            "responses": {
+                "200": _json({"type": "object", "required": ["events", "last_seq", "more"], "properties": {
+                    "events": {"type": "array", "items": _ref("Event")},
+                    "last_seq": {"type": "integer", "description": "Pass as after_seq for the next page"},
+                    "more": {"type": "boolean"}}}, "Events in seq order."),
+                "400": _error("Invalid query parameter."),
+                **_AUTH_ERRORS,
+                "503": _error("Replay is unavailable (database down)."),
+            },
+        }},
+        "/api/v1/openapi.json": {"get": {
+            "operationId": "openapi", "summary": "This document", "tags": ["meta"], "security": [],
+            "responses": {"200": {"description": "OpenAPI 3.1", "content": {_JSON_MEDIA: {}}}}}},
+        "/healthz": {"get": {
+            "operationId": "healthz", "summary": "Readiness: AMI logged in and FastAGI listening",
+            "tags": ["meta"], "security": [],
+            "responses": {"200": _json(_ref("Health"), "Ready."),
+                          "503": _json(_ref("Health"), "Not ready; reasons lists why.")}}},
+        "/metrics": {"get": {
+            "operationId": "metrics", "summary": "Prometheus metrics", "tags": ["meta"], "security": [],
+            "responses": {"200": {"description": "Prometheus text format",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/ws": {"get": {
+            "operationId": "websocket", "summary": "Websocket: live events, resume, agent commands",
+            "description": "See docs/websocket.md. Authenticate with the Authorization header or an "
+                           "{\"op\": \"auth\"} first message.",
+            "tags": ["events"], "security": [{"bearer": []}, {}],
+            "responses": {"101": {"description": "Switching protocols"},
+                          "400": _error("Not a websocket upgrade."),
+                          "401": _error("Invalid token in the Authorization header.")}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ctid API", "version": "1",
+                 "description": "Agent commands, calls, queues and event replay. Errors are "
+                                "{\"error\": {\"code\", \"message\"}}."},
+        "paths": paths,
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "An API token or a desktop session token"}},
+        },
+    }
