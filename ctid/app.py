@@ -2,19 +2,22 @@
 
 ::
 
-    Asterisk --AMI--> AMIClient --(ordered, in the reader task)--> CallModel.feed --> _on_changes
-                                                                          |             |- log call.*
-            <--CoreShowChannels after every login (resync)--              |             '- CallRecorder
-    dialplan --FastAGI--> FastAGIServer --> routes["inbound"]                             (one writer task,
-                                               sets __CTID_CALL_ID, tenant, line           batched upserts,
-                                                                                           buffered while
-                                                                                           the DB is down)
+    Asterisk --AMI--> AMIClient --ordered--> CallModel.feed --> _on_changes --+-> CallNotifier --> EventBus
+            <--CoreShowChannels after every login (resync)--                  +-> CallRecorder (call records)
+    dialplan --FastAGI--> FastAGIServer --> routes["inbound"]                  '-> CallEnricher (CRM lookup)
+                          (sets __CTID_CALL_ID, tenant, line)
+    desktops, CRMs --HTTP/websocket--> ApiServer --> AgentRegistry --agent.state--> EventBus (+ queue.stats)
+
+    EventBus --seq--> live sinks: MQTTPublisher (QoS 1, retained state), ApiServer's hub (websockets)
+             '-----> outbox table (batched, buffered while the database is down; replay)
 
 Lifetimes are explicit: :meth:`Daemon.start` brings the parts up in order (database and
-migrations, FastAGI listener, AMI links) and :meth:`Daemon.stop` takes them down in
-reverse (FastAGI sessions closed, AMI logged off, pending call records flushed, database
-closed). Every background task has an owner here; a task that fails is logged, and an
-AMI login rejection is fatal (:class:`DaemonFailed`).
+migrations, event bus, call recorder, MQTT, CRM client, FastAGI and HTTP listeners, AMI
+links) and :meth:`Daemon._shutdown` takes them down in reverse: FastAGI sessions closed,
+AMI logged off, held call events released, websockets closed, MQTT flushed and
+``offline`` published, call records and the outbox flushed, database closed. Every
+background task has an owner here; a task that dies is logged and stops the daemon, and
+an AMI login rejection is fatal (:class:`DaemonFailed`).
 
 One :class:`CallModel` per Asterisk link: channel names and Uniqueids are only unique
 within one Asterisk. Call ids (``CTID_CALL_ID``, set by ctid) are global.
@@ -30,22 +33,33 @@ import asyncio
 import contextlib
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import exc as sa_exc
+from prometheus_client import CollectorRegistry
 
+from ctid.agents import AgentRegistry
+from ctid.api.server import ApiServer
 from ctid.asterisk.agi import AGIError, AGISession, FastAGIServer
 from ctid.asterisk.ami import AMIClient, AMILoginError
 from ctid.asterisk.ami_protocol import Message
 from ctid.asterisk.safety import UnsafeValueError, check_id
-from ctid.calls import Call, CallChange, CallModel
+from ctid.calls import Call, CallChange, CallModel, ChangeKind
 from ctid.config import AsteriskConfig, Config
+from ctid.crm.client import CRMClient
+from ctid.crm.enrich import CallEnricher
+from ctid.events.bus import EventBus
+from ctid.events.calls import CallNotifier
+from ctid.events.mqtt import MQTTPublisher
+from ctid.events.queues import QueueStatsFeed
+from ctid.events.schema import Event
+from ctid.events.stats import StatsSnapshotter
 from ctid.store.calls import CallStore
 from ctid.store.db import Database, StoreError
+from ctid.store.recorder import CallRecorder
 
 log = structlog.get_logger(__name__)
 
@@ -60,116 +74,6 @@ class DaemonFailed(Exception):
     """ctid cannot run: a configuration or environment problem that a retry won't fix."""
 
 
-class CallRecorder:
-    """Persists call records through one writer task, batched and deduplicated.
-
-    The model hands over calls that changed (:meth:`mark`); the writer upserts the
-    latest state of each every ``interval`` seconds. While the database is down the
-    dirty set is kept (bounded by ``max_pending``; past it the oldest ended calls, then the
-    oldest calls, are dropped, logged and counted in ``dropped``) and retried with
-    backoff. A record the database refuses for its content is logged and counted in
-    ``rejected``. Routing never waits for it.
-    """
-
-    def __init__(self, store: CallStore, *, interval: float = 0.2, max_pending: int = 50_000) -> None:
-        self._store = store
-        self._interval = interval
-        self._max_pending = max_pending
-        self._dirty: dict[str, Call] = {}
-        self._writing = 0
-        self._wake = asyncio.Event()
-        self.written = 0
-        self.dropped = 0
-        self.rejected = 0
-        self.failures = 0
-        self.last_error: str | None = None
-
-    @property
-    def pending(self) -> int:
-        """Calls whose latest state is not in the database yet (queued or being written)."""
-        return len(self._dirty) + self._writing
-
-    def mark(self, call: Call) -> None:
-        self._dirty.pop(call.call_id, None)
-        self._dirty[call.call_id] = call  # re-insert: dict order is age of last change
-        if len(self._dirty) > self._max_pending:
-            # Over the bound (the database has been down for long): drop the oldest ended
-            # call, or the oldest of all if every pending call is still up.
-            victim = next((cid for cid, old in self._dirty.items() if not old.active), None)
-            if victim is None:
-                victim = next(iter(self._dirty))
-            del self._dirty[victim]
-            self.dropped += 1
-            log.error("store.record_dropped", call_id=victim, pending=len(self._dirty))
-        self._wake.set()
-
-    def forget(self, call_id: str) -> None:
-        """A provisional call was merged into another under a new id."""
-        self._dirty.pop(call_id, None)
-
-    async def run(self) -> None:
-        delay = self._interval
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(delay)
-            self._wake.clear()
-            if await self.flush():
-                delay = self._interval
-            else:
-                self._wake.set()
-                delay = min(30.0, max(delay * 2, 0.5))
-
-    async def flush(self) -> bool:
-        """Write everything dirty; True when all of it was written.
-
-        A record the database refuses for its content (a constraint, a bad value) is
-        logged and set aside, so it cannot block the records behind it. Any other
-        failure (the database is down), or a cancellation during shutdown, puts the
-        unwritten rest back, where newer states of the same calls win."""
-        batch, self._dirty = self._dirty, {}
-        items = list(batch.items())
-        done = 0
-        self._writing = len(items)
-        try:
-            for call_id, call in items:
-                try:
-                    await self._store.upsert_call(call.to_record())
-                    self.written += 1
-                except Exception as exc:
-                    if not _is_record_error(exc):
-                        raise
-                    self.rejected += 1
-                    log.error("store.record_rejected", call_id=call_id, reason=f"{type(exc).__name__}: {exc}")
-                done += 1
-                self._writing -= 1
-        except BaseException as exc:
-            rest = dict(items[done:])
-            rest.update(self._dirty)
-            self._dirty = rest
-            self._writing = 0
-            if not isinstance(exc, Exception):
-                raise  # cancelled: the caller flushes again
-            self.failures += 1
-            reason = f"{type(exc).__name__}: {exc}"
-            if reason != self.last_error:
-                log.error("store.write_failed", reason=reason, pending=len(self._dirty))
-            self.last_error = reason
-            return False
-        if self.last_error is not None:
-            log.info("store.recovered", written=self.written)
-            self.last_error = None
-        return True
-
-
-def _is_record_error(exc: Exception) -> bool:
-    """True when the database refused this record's content (retrying cannot help)."""
-    if isinstance(exc, (sa_exc.DataError, sa_exc.IntegrityError)):
-        return True
-    if isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError):
-        return True  # raised while binding parameters, before the database was asked
-    return isinstance(exc, ValueError)  # the record itself is invalid (CallRecord checks)
-
-
 @dataclass
 class Link:
     """One Asterisk: its AMI client and the call model it feeds."""
@@ -177,7 +81,6 @@ class Link:
     config: AsteriskConfig
     model: CallModel
     client: AMIClient = field(init=False)
-    task: asyncio.Task[None] | None = None
     resyncs: int = 0
 
 
@@ -188,9 +91,19 @@ class Daemon:
     def __init__(self, config: Config, *, clock: Clock = utc_now) -> None:
         self.config = config
         self.clock = clock
+        self.metrics = CollectorRegistry()
         self.db = Database(config.database.url)
         self.store = CallStore(self.db.sessions)
         self.recorder = CallRecorder(self.store)
+        self.bus = EventBus(self.db, config=config.events, clock=clock, registry=self.metrics)
+        self.notifier = CallNotifier(self.bus.publish, identify_grace=config.events.identify_grace)
+        self.mqtt = MQTTPublisher(config.mqtt, instance_id=config.instance.id, bus=self.bus)
+        self.agents = AgentRegistry(config.agents, self._publish_agent_event, clock,
+                                    pause_reasons=(*config.pause_reasons, "rona"))
+        self.stats = StatsSnapshotter(self.bus, config.events.stats_interval, clock)
+        self.queue_stats = QueueStatsFeed(config, self.agents, self.stats)
+        self.crm = CRMClient()
+        self.enricher = CallEnricher(self.crm, config)
         self.links: dict[str, Link] = {}
         for link_config in config.asterisk:
             link = Link(link_config, CallModel(clock, self._tenant_for_dnis))
@@ -212,59 +125,96 @@ class Daemon:
             config.agi.bind, config.agi.port, {"inbound": self._inbound},
             env_timeout=config.agi.env_timeout, hangup_grace=config.agi.hangup_grace,
         )
-        self._recorder_task: asyncio.Task[None] | None = None
+        self.api = ApiServer(config, self.bus, self.agents, self._active_calls, self.health, self.metrics,
+                             ended_calls=lambda n: self.store.list_calls(active=False, limit=n), clock=clock)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failed = asyncio.Event()
         self.failure: str | None = None
+        self._db_ok: bool | None = None
         self._started = False
 
     # -- lifetimes -------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Bring the parts up in order; a part that cannot start undoes the others."""
         log.info("ctid.starting", instance=self.config.instance.id, database=self.db.url,
-                 mqtt="off (no broker configured)" if not self.config.mqtt.enabled else self.config.mqtt.host)
+                 mqtt=self.config.mqtt.host if self.config.mqtt.enabled else "off (no broker configured)")
         try:
             await self.db.start()
         except StoreError as exc:
             raise DaemonFailed(f"database unavailable: {exc}") from None
-        self._recorder_task = asyncio.create_task(self.recorder.run(), name="call-recorder")
+        self._db_ok = True
         try:
-            await self.agi.start()
-        except OSError as exc:
-            await self._stop_recorder()
-            await self.db.close()
-            raise DaemonFailed(
-                f"cannot listen for FastAGI on {self.config.agi.bind}:{self.config.agi.port}: {exc.strerror}"
-            ) from None
+            await self.bus.start()
+            self._spawn("call-recorder", self.recorder.run())
+            self._spawn("db-monitor", self._monitor_db())
+            self._spawn("mqtt", self.mqtt.run())
+            await self.crm.start()
+            await self._listen("FastAGI", self.config.agi.bind, self.config.agi.port, self.agi.start)
+            await self._listen("HTTP", self.config.http.bind, self.config.http.port, self.api.start)
+        except BaseException:
+            await self._shutdown()
+            raise
         for link in self.links.values():
-            link.task = asyncio.create_task(self._run_link(link), name=f"ami-{link.config.id}")
+            self._spawn(f"ami-{link.config.id}", self._run_link(link))
+        self.queue_stats.refresh(self.clock())
         self._started = True
-        log.info("ctid.started", agi_port=self.agi.port, links=list(self.links))
+        log.info("ctid.started", agi_port=self.agi.port, http_port=self.api.port, links=list(self.links))
+
+    async def _listen(self, what: str, host: str, port: int, start: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await start()
+        except OSError as exc:
+            raise DaemonFailed(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from None
+
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks[name] = task
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("ctid.task_failed", task=task.get_name(), error=repr(task.exception()))
+        self.failure = self.failure or f"internal task {task.get_name()} failed: {task.exception()!r}"
+        self._failed.set()
 
     async def stop(self) -> None:
         if not self._started:
             return
         self._started = False
         log.info("ctid.stopping")
-        await self.agi.stop()
-        for link in self.links.values():
-            await link.client.close()
-            if link.task is not None:
-                link.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await link.task
-        await self._stop_recorder()
-        await self.db.close()
-        log.info("ctid.stopped", records_written=self.recorder.written, records_unsaved=self.recorder.pending)
+        await self._shutdown()
+        log.info("ctid.stopped", records_written=self.recorder.written, records_unsaved=self.recorder.pending,
+                 events_last_seq=self.bus.last_seq)
 
-    async def _stop_recorder(self) -> None:
-        if self._recorder_task is not None:
-            self._recorder_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recorder_task
-            self._recorder_task = None
+    async def _shutdown(self) -> None:
+        """Reverse order of start: no new calls, then no new events, then flush and close."""
+        await self.agi.stop()  # FastAGI sessions are closed: Asterisk can free the channels
+        for link in self.links.values():
+            await link.client.close()  # AMI logs off
+        await self._cancel(*(f"ami-{lid}" for lid in self.links))
+        self.notifier.close()  # held call events go out now, under the id they have
+        self.stats.close()
+        await self.enricher.close()
+        await self.crm.close()
+        await self.api.stop()  # websockets closed with 1001
+        await self.mqtt.stop()  # bounded flush, then retained "offline" on the status topic
+        await self._cancel("mqtt", "db-monitor", "call-recorder")
         with contextlib.suppress(Exception):
             async with asyncio.timeout(10):
                 await self.recorder.flush()
+        await self.bus.stop()  # the outbox is flushed
+        await self.db.close()
+
+    async def _cancel(self, *names: str) -> None:
+        tasks = [t for n in names if (t := self._tasks.pop(n, None)) is not None]
+        for task in tasks:
+            task.remove_done_callback(self._task_done)
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def wait_failed(self) -> str:
         await self._failed.wait()
@@ -276,8 +226,8 @@ class Daemon:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
         try:
+            await self.start()
             stopper = asyncio.create_task(stop.wait())
             failer = asyncio.create_task(self._failed.wait())
             await asyncio.wait({stopper, failer}, return_when=asyncio.FIRST_COMPLETED)
@@ -297,22 +247,46 @@ class Daemon:
         except AMILoginError as exc:
             self.failure = f"AMI link {link.config.id}: {exc}"
             self._failed.set()
-        except Exception as exc:
-            log.exception("ami.link_task_failed", link=link.config.id)
-            self.failure = f"AMI link {link.config.id} failed: {exc}"
-            self._failed.set()
+
+    async def _monitor_db(self, interval: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            ok = await self.db.ping()
+            if ok != self._db_ok:
+                (log.info if ok else log.error)("store.database_" + ("up" if ok else "down"), url=self.db.url)
+            self._db_ok = ok
 
     # -- status ----------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
+        """The report behind ``/healthz``: ready when every AMI link is logged in and
+        FastAGI listens; the database, broker and event lag are reported too."""
         links = {lid: {"state": link.client.state.value, "last_error": link.client.last_error,
                        "active_calls": len(link.model.calls), "resyncs": link.resyncs}
                  for lid, link in self.links.items()}
         ok = all(link.client.connected for link in self.links.values()) and self._started
-        return {"ok": ok, "ami": links, "agi": {"listening": self._started, "port": self.agi.port,
-                                                 "sessions": self.agi.session_count},
-                "store": {"pending": self.recorder.pending, "written": self.recorder.written,
-                          "last_error": self.recorder.last_error}}
+        return {
+            "ok": ok,
+            "ami": links,
+            "agi": {"listening": self._started, "port": self.agi.port, "sessions": self.agi.session_count},
+            "db": {"ok": self._db_ok, "records_pending": self.recorder.pending,
+                   "last_error": self.recorder.last_error},
+            "broker": ({"enabled": True, "connected": self.mqtt.connected, "last_acked_seq": self.mqtt.last_acked_seq}
+                       if self.config.mqtt.enabled else {"enabled": False}),
+            "event_lag": {"last_seq": self.bus.last_seq, "outbox_pending": self.bus.outbox_pending,
+                          "outbox_dropped": self.bus.outbox_dropped,
+                          "mqtt_behind": (self.bus.last_seq - self.mqtt.last_acked_seq)
+                          if self.config.mqtt.enabled else None},
+        }
+
+    def _active_calls(self) -> list[Call]:
+        return [call for link in self.links.values() for call in link.model.calls.values()]
+
+    def _publish_agent_event(self, event: Event) -> Event:
+        stamped = self.bus.publish(event)
+        if event.type == "agent.state":
+            self.queue_stats.refresh(event.ts, event.tenant)
+        return stamped
 
     # -- AMI side ----------------------------------------------------------------------
 
@@ -349,11 +323,14 @@ class Daemon:
         return resync
 
     def _on_changes(self, link: Link, changes: list[CallChange]) -> None:
+        self.notifier.on_changes(changes)
         for change in changes:
             call = change.call
             if change.old_call_id and change.old_call_id != change.call_id:
                 self.recorder.forget(change.old_call_id)
             self.recorder.mark(call)
+            if change.kind is ChangeKind.STARTED:
+                self.enricher.on_started(link.model, call)
             event_type = change.event_type
             if event_type is not None:
                 log.info(event_type, call_id=change.call_id, link=link.config.id, tenant=call.tenant,
@@ -397,4 +374,4 @@ def _is_id(value: str) -> bool:
     return True
 
 
-__all__ = ["CallRecorder", "Daemon", "DaemonFailed"]
+__all__ = ["Daemon", "DaemonFailed"]

@@ -363,6 +363,8 @@ class Config(_Section):
     api: APIConfig = APIConfig()
     tokens: list[TokenConfig] = Field(default_factory=list)
     agents: list[AgentConfig] = Field(default_factory=list)
+    pause_reasons: list[Id] = Field(default_factory=lambda: ["break", "lunch", "training", "meeting"])
+    """Reason codes an agent may pause with (``rona`` is always added: ctid sets it)."""
     queues: list[QueueConfig] = Field(default_factory=list)
     simulator: SimulatorConfig = SimulatorConfig()
 

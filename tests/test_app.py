@@ -44,6 +44,7 @@ def make_config(ami_port: int, db_url: str, **extra: object) -> Config:
     data: dict[str, object] = {
         "database": {"url": db_url},
         "agi": {"port": 0, "hangup_grace": 1.0},
+        "http": {"port": 0},
         "asterisk": [{"id": "sim", "host": "127.0.0.1", "port": ami_port or 1, "username": "ctid", "secret": SECRET,
                       "reconnect_min": 0.05, "reconnect_max": 0.2, "ping_interval": 5.0}],
         "tenants": [{"id": "acme", "timezone": "Europe/London"}],

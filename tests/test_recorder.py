@@ -6,11 +6,11 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ctid.app import CallRecorder
 from ctid.asterisk.ami_protocol import AMIParser, Message
 from ctid.calls import Call, CallModel, CallState, ChangeKind
 from ctid.store.calls import CallRecord, CallStore
 from ctid.store.db import Database
+from ctid.store.recorder import CallRecorder
 
 CAPTURES = Path(__file__).parent / "fixtures" / "asterisk22"
 

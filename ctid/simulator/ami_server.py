@@ -169,6 +169,7 @@ class AMIServer:
             "queuestatus": self.a_queuestatus, "queuesummary": self.a_queuesummary,
             "status": self.a_status, "coreshowchannels": self.a_coreshowchannels,
             "devicestatelist": self.a_devicestatelist, "extensionstate": self.a_extensionstate,
+            "extensionstatelist": self.a_extensionstatelist,
             "originate": self.a_originate, "redirect": self.a_redirect, "bridge": self.a_bridge,
             "blindtransfer": self.a_blindtransfer, "atxfer": self.a_atxfer, "hangup": self.a_hangup,
             "setvar": self.a_setvar, "getvar": self.a_getvar, "mixmonitor": self.a_mixmonitor,
@@ -396,14 +397,10 @@ class AMIServer:
 
     def a_extensionstate(self, s: Session, a: Message) -> None:
         exten, ctx = a.get("Exten") or "", a.get("Context") or ""
-        hint = self.pbx.dialplan.hints().get((ctx, exten), "")
-        state = self.pbx.device_states.get(hint, "UNAVAILABLE") if hint else "UNAVAILABLE"
-        status, text = {"NOT_INUSE": ("0", "Idle"), "INUSE": ("1", "InUse"),
-                        "RINGING": ("8", "Ringing")}.get(state, ("4", "Unavailable"))
-        if not hint:
-            status, text = "-1", "Unknown"
+        hint = self.pbx.hints.get((ctx, exten), "")
+        status, text = self.pbx.extension_state(hint) if hint else (-1, "Unknown")
         self.respond(s, a, "Success", [("Exten", exten), ("Context", ctx), ("Hint", hint),
-                                       ("Status", status), ("StatusText", text)], message="Extension Status")
+                                       ("Status", str(status)), ("StatusText", text)], message="Extension Status")
 
     # -- list actions ---------------------------------------------------------------------
     def a_queuestatus(self, s: Session, a: Message) -> None:
@@ -417,7 +414,7 @@ class AMIServer:
             callers = self.pbx.queue_callers.get(q.name, [])
             items.append(("QueueParams", [
                 ("Queue", q.name), ("Max", "0"), ("Strategy", q.strategy), ("Calls", str(len(callers))),
-                ("Holdtime", "0"), ("TalkTime", "0"), ("Completed", str(q.completed)),
+                ("Holdtime", str(q.holdtime)), ("TalkTime", str(q.talktime)), ("Completed", str(q.completed)),
                 ("Abandoned", str(q.abandoned)), ("ServiceLevel", "0"), ("ServicelevelPerf", "0.0"),
                 ("ServicelevelPerf2", "0.0"), ("Weight", "0"), *tail]))
             for m in q.members:
@@ -436,22 +433,32 @@ class AMIServer:
                     ("Queue", q.name), ("Position", str(pos)), ("Channel", c.name), ("Uniqueid", c.uniqueid),
                     ("CallerIDNum", c.caller_num), ("CallerIDName", c.caller_name),
                     ("ConnectedLineNum", "unknown"), ("ConnectedLineName", "unknown"),
-                    ("Wait", str(int(self.pbx.clock.now() - c.created))), ("Priority", "0"), *tail]))
+                    ("Wait", str(int(self.pbx.clock.now() - (c.queue_joined or c.created)))),
+                    ("Priority", "0"), *tail]))
         self._list(s, a, "Queue status will follow", items, "QueueStatusComplete")
 
     def a_queuesummary(self, s: Session, a: Message) -> None:
+        """``LoggedIn``: members whose device is not unavailable; ``Available``: of those,
+        the ones not paused and not in a call; ``HoldTime``/``TalkTime``: the queue's
+        exponential averages; ``LongestHoldTime``: the longest wait of a caller now
+        waiting (01, 07)."""
         aid = a.get("ActionID")
         tail: Fields = [("ActionID", aid)] if aid is not None else []
         want = a.get("Queue")
+        now = self.pbx.clock.now()
         items: list[tuple[str, Fields]] = []
         for q in self.pbx.queues.values():
             if want and q.name != want:
                 continue
-            avail = sum(1 for m in q.members if self.pbx._member_available(m))
+            logged_in = [m for m in q.members
+                         if self.pbx.device_states.get(m.interface, "UNAVAILABLE") not in ("UNAVAILABLE", "INVALID")]
+            avail = sum(1 for m in logged_in if self.pbx._member_available(m))
+            callers = self.pbx.queue_callers.get(q.name, [])
+            longest = max((int(now - c.queue_joined) for c in callers if c.queue_joined is not None), default=0)
             items.append(("QueueSummary", [
-                ("Queue", q.name), ("LoggedIn", str(len(q.members))), ("Available", str(avail)),
-                ("Callers", str(len(self.pbx.queue_callers.get(q.name, [])))), ("HoldTime", "0"),
-                ("TalkTime", "0"), ("LongestHoldTime", "0"), *tail]))
+                ("Queue", q.name), ("LoggedIn", str(len(logged_in))), ("Available", str(avail)),
+                ("Callers", str(len(callers))), ("HoldTime", str(q.holdtime)),
+                ("TalkTime", str(q.talktime)), ("LongestHoldTime", str(longest)), *tail]))
         self._list(s, a, "Queue summary will follow", items, "QueueSummaryComplete")
 
     def a_status(self, s: Session, a: Message) -> None:
@@ -499,6 +506,18 @@ class AMIServer:
                 ("Duration", f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"),
                 ("BridgeId", c.bridge.uniqueid if c.bridge else "")]))
         self._list(s, a, "Channels will follow", items, "CoreShowChannelsComplete")
+
+    def a_extensionstatelist(self, s: Session, a: Message) -> None:
+        """Every hint, in dialplan order, as an ``ExtensionStatus`` item with the ActionID
+        first (07b)."""
+        aid = a.get("ActionID")
+        head: Fields = [("ActionID", aid)] if aid is not None else []
+        items: list[tuple[str, Fields]] = []
+        for (ctx, exten), hint in self.pbx.hints.items():
+            status, text = self.pbx.extension_state(hint)
+            items.append(("ExtensionStatus", [*head, ("Exten", exten), ("Context", ctx), ("Hint", hint),
+                                              ("Status", str(status)), ("StatusText", text)]))
+        self._list(s, a, "Extension Statuses will follow", items, "ExtensionStateListComplete")
 
     def a_devicestatelist(self, s: Session, a: Message) -> None:
         aid = a.get("ActionID")

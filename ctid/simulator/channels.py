@@ -122,6 +122,8 @@ class Channel:
         self.xfer_features = False
         # The attended transfer this channel is the transferer of (while it runs).
         self.atxfer: object | None = None
+        # When it joined the queue it waits in (QueueSummary LongestHoldTime, QueueEntry Wait).
+        self.queue_joined: float | None = None
 
     # -- interruption ----------------------------------------------------------
     @property

@@ -2,7 +2,8 @@
 
 Defaults mirror the reference instance of the captures (``asterisk-conf-used/``):
 endpoint ``trunk`` (context ``from-trunk``), ``agent1001``..``agent1004`` (context
-``from-agents``, caller id ``"Agent 100N" <100N>``) that ring 1 s and answer, and the
+``from-agents``, caller id ``"Agent 100N" <100N>``) that ring 1 s and answer,
+``agent2001`` with a dynamic AOR (unregistered until :meth:`Simulator.register`), and the
 queues ``support`` (rrmemory, 1001+1002, timeout 15, retry 2) and ``sales`` (ringall,
 1003, timeout 10, retry 2).
 
@@ -23,8 +24,13 @@ class Endpoint:
 
     ``ring_s``: seconds of ringing before it answers; ``answer=False`` rings until the
     caller gives up (the ring-no-answer UAS of 05); ``busy``: answers 486 at once;
+    ``congested``: answers 503 at once (``DialStatus: CONGESTION``, cause 34);
     ``unreachable``: nothing listens (06d); ``hangup_after``: the endpoint hangs up this
     many seconds after answering (04b, 17).
+
+    ``dynamic``: the AOR has no static contact, only what a REGISTER gives it (agent2001
+    of 07b, contact ``contact``). Until :meth:`Simulator.register` the device is
+    ``UNAVAILABLE`` and dialing it gives ``CHANUNAVAIL``.
     """
 
     name: str
@@ -34,8 +40,11 @@ class Endpoint:
     ring_s: float = 1.0
     answer: bool = True
     busy: bool = False
+    congested: bool = False
     unreachable: bool = False
     hangup_after: float | None = None
+    dynamic: bool = False
+    contact: str = ""
 
 
 @dataclass(slots=True)
@@ -62,12 +71,19 @@ class QueueConfig:
     completed: int = 0
     abandoned: int = 0
     rr_next: int = 0
+    # app_queue's exponential averages (3/4 old + 1/4 new, the first value as is), in
+    # whole seconds: hold time at each connect, talk time at each completed call (04b).
+    holdtime: int = 0
+    talktime: int = 0
 
 
 def default_endpoints() -> dict[str, Endpoint]:
     eps = {"trunk": Endpoint("trunk", context="from-trunk", ring_s=1.0, hangup_after=None)}
-    for n in (1001, 1002, 1003, 1004, 2001):
+    for n in (1001, 1002, 1003, 1004):
         eps[f"agent{n}"] = Endpoint(f"agent{n}", callerid_num=str(n), callerid_name=f"Agent {n}")
+    # agent2001 has a dynamic AOR: reachable only while registered (07b).
+    eps["agent2001"] = Endpoint("agent2001", callerid_num="2001", callerid_name="Agent 2001", dynamic=True,
+                                contact="sip:agent2001@127.0.0.1:5075")
     return eps
 
 

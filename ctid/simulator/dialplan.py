@@ -131,6 +131,30 @@ def split_args(data: str, sep: str = ",") -> list[str]:
     return args
 
 
+def parse_options(text: str) -> dict[str, str]:
+    """Application option letters as ``ast_app_parse_options`` reads them: ``tTg`` ->
+    ``{"t": "", "T": "", "g": ""}``; an option may take an argument in parentheses,
+    ``m(class)`` -> ``{"m": "class"}``. Letters inside an argument are not options."""
+    opts: dict[str, str] = {}
+    i = 0
+    while i < len(text):
+        letter = text[i]
+        i += 1
+        if letter.isspace():
+            continue
+        arg = ""
+        if i < len(text) and text[i] == "(":
+            depth, j = 1, i + 1
+            while j < len(text) and depth:
+                depth += {"(": 1, ")": -1}.get(text[j], 0)
+                j += 1
+            if depth:
+                raise DialplanError(f"option {letter}: missing ')' in {text!r}")
+            arg, i = text[i + 1 : j - 1], j
+        opts[letter] = arg
+    return opts
+
+
 def pattern_regex(pattern: str) -> re.Pattern[str]:
     """Compile an Asterisk extension pattern (``_NXX.``) to a regex."""
     body = pattern[1:]

@@ -54,6 +54,7 @@ from ctid.simulator.dialplan import (
     DialplanError,
     UnsupportedApplication,
     is_true,
+    parse_options,
     split_app,
     split_args,
     substitute,
@@ -68,6 +69,9 @@ log = logging.getLogger("ctid.simulator")
 GOTO = 1
 EmitFn = Callable[[Message], None]
 AppFn = Callable[[Channel, str], Awaitable[int]]
+
+# Dial options the simulator implements (app_dial's letters); any other is refused.
+DIAL_OPTIONS = frozenset({"g", "t", "T"})
 
 DEFAULT_PROMPTS = {
     "hello-world": 1.2,
@@ -138,8 +142,15 @@ class PBX:
             "AGI": self.app_agi,
             "Return": self.app_return,
         }
+        # Dynamic AORs with a contact (REGISTER seen, 07b); static AORs always have one.
+        self.registered: set[str] = set()
         for ep in endpoints.values():
-            self.device_states[f"PJSIP/{ep.name}"] = "NOT_INUSE" if ep.name != "trunk" else "UNAVAILABLE"
+            self.device_states[f"PJSIP/{ep.name}"] = self._idle_state(ep.name)
+        # Hints ("exten => 1001,hint,PJSIP/agent1001") and their last extension state:
+        # ExtensionStatus goes out when it changes (04, 07b, 13).
+        self.hints = dialplan.hints()
+        self.hint_states: dict[tuple[str, str], int] = {
+            key: self.extension_state(hint)[0] for key, hint in self.hints.items()}
 
     # ------------------------------------------------------------------ tasks
     def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
@@ -181,9 +192,55 @@ class PBX:
         self.emit(name, privilege, [*fields, *extra])
 
     def set_device(self, device: str, state: str) -> None:
-        if self.device_states.get(device) != state:
-            self.device_states[device] = state
-            self.emit("DeviceStateChange", "call,all", [("Device", device), ("State", state)])
+        """A device state change: ``DeviceStateChange``, then ``ExtensionStatus`` for every
+        hint whose state it changes (04, 13)."""
+        if self.device_states.get(device) == state:
+            return
+        self.device_states[device] = state
+        self.emit("DeviceStateChange", "call,all", [("Device", device), ("State", state)])
+        self._hint_changes(device)
+
+    def _hint_changes(self, device: str) -> None:
+        for (context, exten), hint in self.hints.items():
+            if device not in hint.split("&"):
+                continue
+            code, text = self.extension_state(hint)
+            if self.hint_states.get((context, exten)) != code:
+                self.hint_states[(context, exten)] = code
+                self.emit("ExtensionStatus", "call,all", [
+                    ("Exten", exten), ("Context", context), ("Hint", hint),
+                    ("Status", str(code)), ("StatusText", text)])
+
+    def extension_state(self, hint: str) -> tuple[int, str]:
+        """``ast_extension_state`` of a hint: its devices' states combined, as
+        ``(Status, StatusText)`` of ``ExtensionState``/``ExtensionStatus``."""
+        states = [self.device_states.get(d, "UNAVAILABLE") for d in hint.split("&") if d]
+        if not states or all(st in ("UNAVAILABLE", "INVALID") for st in states):
+            return 4, "Unavailable"
+        inuse = any(st in ("INUSE", "BUSY", "RINGINUSE", "ONHOLD") for st in states)
+        ringing = any(st in ("RINGING", "RINGINUSE") for st in states)
+        if "BUSY" in states:
+            return 2, "Busy"
+        if ringing and inuse:
+            return 9, "InUse&Ringing"
+        if ringing:
+            return 8, "Ringing"
+        if "ONHOLD" in states:
+            return (17, "InUse&Hold") if "INUSE" in states else (16, "Hold")
+        if inuse:
+            return 1, "InUse"
+        return 0, "Idle"
+
+    def reachable(self, ep: Endpoint) -> bool:
+        """Whether chan_pjsip can create a channel to ``ep``: a dynamic AOR needs a
+        registered contact."""
+        return not ep.dynamic or ep.name in self.registered
+
+    def _idle_state(self, endpoint: str) -> str:
+        ep = self.endpoints.get(endpoint)
+        if endpoint == "trunk" or (ep is not None and not self.reachable(ep)):
+            return "UNAVAILABLE"
+        return "NOT_INUSE"
 
     def _refresh_device(self, endpoint: str, tech: str = "PJSIP") -> None:
         chans = [c for c in self.channels.values()
@@ -191,13 +248,57 @@ class PBX:
         if tech == "Local":
             self.set_device(f"Local/{endpoint}", "INUSE" if chans else "NOT_INUSE")
             return
-        if not chans:
-            state = "NOT_INUSE" if endpoint != "trunk" else "UNAVAILABLE"
+        ep = self.endpoints.get(endpoint)
+        if not chans or (ep is not None and not self.reachable(ep)):
+            state = self._idle_state(endpoint)
         elif any(c.state == 6 for c in chans):
             state = "INUSE"
         else:
             state = "RINGING"
         self.set_device(f"PJSIP/{endpoint}", state)
+
+    # ------------------------------------------------------------------ registrations
+    def register(self, endpoint: str) -> None:
+        """A REGISTER for a dynamic AOR (07b): ``PeerStatus Reachable``, the device
+        becomes ``NOT_INUSE`` (``DeviceStateChange``, then ``ExtensionStatus``), then
+        ``ContactStatus NonQualified``. A refresh of a known contact emits nothing."""
+        ep = self._dynamic(endpoint)
+        if ep.name in self.registered:
+            return
+        self.registered.add(ep.name)
+        self.emit("PeerStatus", "system,all", [("ChannelType", "PJSIP"), ("Peer", f"PJSIP/{ep.name}"),
+                                                ("PeerStatus", "Reachable")])
+        self._refresh_device(ep.name)
+        self._contact_status(ep, "NonQualified")
+
+    def unregister(self, endpoint: str) -> None:
+        """A REGISTER with ``Expires: 0`` (07b): ``ExtensionStatus Unavailable``,
+        ``PeerStatus Unreachable``, ``DeviceStateChange UNAVAILABLE``, then
+        ``ContactStatus Removed``."""
+        ep = self._dynamic(endpoint)
+        if ep.name not in self.registered:
+            return
+        self.registered.discard(ep.name)
+        device = f"PJSIP/{ep.name}"
+        old = self.device_states.get(device)
+        self.device_states[device] = "UNAVAILABLE"
+        self._hint_changes(device)
+        self.emit("PeerStatus", "system,all", [("ChannelType", "PJSIP"), ("Peer", device),
+                                                ("PeerStatus", "Unreachable")])
+        if old != "UNAVAILABLE":
+            self.emit("DeviceStateChange", "call,all", [("Device", device), ("State", "UNAVAILABLE")])
+        self._contact_status(ep, "Removed")
+
+    def _dynamic(self, endpoint: str) -> Endpoint:
+        ep = self.endpoints.get(endpoint)
+        if ep is None or not ep.dynamic:
+            raise ValueError(f"{endpoint!r} is not an endpoint with a dynamic AOR")
+        return ep
+
+    def _contact_status(self, ep: Endpoint, status: str) -> None:
+        self.emit("ContactStatus", "system,all", [
+            ("URI", ep.contact or f"sip:{ep.name}@127.0.0.1"), ("ContactStatus", status), ("AOR", ep.name),
+            ("EndpointName", ep.name), ("RoundtripUsec", "0")])
 
     # ------------------------------------------------------------------ channels
     def new_uniqueid(self) -> str:
@@ -771,40 +872,91 @@ class PBX:
         return (ep, number) if at else (resource, "")
 
     async def app_dial(self, chan: Channel, data: str) -> int:
+        """``Dial(PJSIP/a&PJSIP/b,timeout,options)``: every target is requested first
+        (``Newchannel``, inherited variables, ``Newexten AppDial``), then called
+        (``DialBegin`` each), then all ring at once and the first to answer wins
+        (:meth:`_ring_many`). The others get ``DialEnd CANCEL`` and are hung up with cause
+        26 (answered elsewhere); then ``DIALSTATUS=ANSWER`` and the winner's ``DialEnd
+        ANSWER`` (app_dial's order, 13). Without an answer ``DIALSTATUS`` is ``NOANSWER``
+        (timeout), ``CANCEL`` (the caller left) or, when every target failed at once,
+        ``BUSY``, ``CONGESTION`` or ``CHANUNAVAIL`` in that order of precedence.
+
+        Options: ``g`` (go on in the dialplan when the callee hangs up), ``T``/``t`` (the
+        caller/callee may transfer: DTMF features in the bridge, see
+        :mod:`ctid.simulator.transfer`). Any other option raises :class:`DialplanError`.
+        """
         args = [*split_args(data), "", ""]
-        targets, timeout_s, opts = args[0], args[1], args[2]
-        timeout = float(timeout_s) if timeout_s.strip() else None
+        targets, timeout_s, opts = args[0], args[1], parse_options(args[2])
+        unknown = sorted(set(opts) - DIAL_OPTIONS)
+        if unknown:
+            raise DialplanError(f"Dial option(s) {''.join(unknown)} not implemented by the simulator: Dial({data})")
+        try:
+            timeout = float(timeout_s) if timeout_s.strip() else None
+        except ValueError:
+            timeout = None  # app_dial: "Invalid timeout specified", dials without one
+        if timeout is not None and timeout <= 0:
+            timeout = None
         for var in ("DIALSTATUS", "DIALEDPEERNUMBER", "DIALEDPEERNAME", "ANSWEREDTIME", "DIALEDTIME", "RINGTIME"):
             self.set_var(chan, var, "")
-        target = targets.split("&")[0]
-        parsed = self._parse_target(target)
-        ep = self.endpoints.get(parsed[0]) if parsed else None
-        if parsed is None or ep is None:
+        failed = {"BUSY": 0, "CONGESTION": 0, "CHANUNAVAIL": 0}
+        calls: list[tuple[Endpoint, Channel, str, str]] = []
+        for target in targets.split("&"):
+            parsed = self._parse_target(target.strip())
+            ep = self.endpoints.get(parsed[0]) if parsed else None
+            if parsed is None or ep is None or not self.reachable(ep):
+                failed["CHANUNAVAIL"] += 1  # ast_request() failed: no channel at all
+                continue
+            dialstring = target.strip().partition("/")[2]
+            callee = self._new_callee(chan, ep, parsed[1])
+            self.set_var(callee, "DIALEDPEERNUMBER", dialstring, event_first=True)
+            for key, value in chan.inheritable().items():
+                self.set_var(callee, key, value, event_first=True)
+            callee.exten = chan.exten
+            callee.connected_num, callee.connected_name = chan.caller_num, chan.caller_name
+            callee.application, callee.app_data = "AppDial", "(Outgoing Line)"
+            self.emit_chan("Newexten", callee, [("Extension", callee.exten), ("Application", "AppDial"),
+                                                ("AppData", "(Outgoing Line)")], "dialplan,all")
+            calls.append((ep, callee, dialstring, parsed[1]))
+        if not calls:
             self.set_var(chan, "DIALSTATUS", "CHANUNAVAIL")
             return 0
-        dialstring = target.partition("/")[2]
-        callee = self._new_callee(chan, ep, parsed[1])
-        self.set_var(callee, "DIALEDPEERNUMBER", dialstring, event_first=True)
-        for key, value in chan.inheritable().items():
-            self.set_var(callee, key, value, event_first=True)
-        callee.exten = chan.exten
-        callee.connected_num, callee.connected_name = chan.caller_num, chan.caller_name
-        if parsed[1]:
-            # An outbound trunk leg reports Ringing before DialBegin (17).
-            self.set_state(callee, 5)
-        self.emit_two("DialBegin", chan, callee, [("DialString", dialstring)])
-        outcome = await self._ring(chan, callee, ep, timeout, dial_events=True)
+        for _, callee, dialstring, number in calls:
+            if number:
+                # An outbound trunk leg reports Ringing before DialBegin (17).
+                self.set_state(callee, 5)
+            self.emit_two("DialBegin", chan, callee, [("DialString", dialstring)])
+
+        def on_fail(_: int, status: str) -> None:
+            failed[status] += 1
+
+        outcome, ringing, won = await self._ring_many(chan, [(ep, c) for ep, c, _, _ in calls], timeout, on_fail)
         if outcome != "ANSWER":
-            self.set_var(chan, "DIALSTATUS", outcome)
+            if outcome == "FAILED":
+                status = next(st for st in ("BUSY", "CONGESTION", "CHANUNAVAIL") if failed[st])
+            else:
+                status = outcome
+                left = [calls[i][1] for i in ringing]
+                for callee in left:  # publish_dial_end_event(), then hanguptree()
+                    self.emit_two("DialEnd", chan, callee, [("DialStatus", status)])
+                for callee in left:
+                    callee.hangup_cause = 0
+                    self.destroy(callee)
+            self.set_var(chan, "DIALSTATUS", status)
             return -1 if chan.hangup_requested else 0
+        ep, callee, dialstring, _ = calls[won]
+        self._hang_up_losers(chan, [calls[i][1] for i in ringing if i != won])
         self.set_var(chan, "DIALSTATUS", "ANSWER")
         self.set_var(chan, "DIALEDPEERNAME", callee.name)
+        self.set_var(chan, "DIALEDPEERNUMBER", dialstring)
+        self.emit_two("DialEnd", chan, callee, [("DialStatus", "ANSWER")])
         if chan.state != 6:
             self.set_state(chan, 6)
         bridge = self.bridge_create("dial")
         callee.exten = ""
-        chan.xfer_features = "T" in opts
-        callee.xfer_features = "t" in opts
+        self.emit_chan("Newexten", callee, [("Extension", ""), ("Application", "AppDial"),
+                                            ("AppData", "(Outgoing Line)")], "dialplan,all")
+        chan.xfer_features = "T" in opts  # the calling party may transfer
+        callee.xfer_features = "t" in opts  # the called party may transfer
         self.bridge_enter(bridge, callee)
         self.bridge_enter(bridge, chan)
         self._schedule_endpoint_hangup(callee, ep)
@@ -817,6 +969,19 @@ class PBX:
             return 0
         return 0 if "g" in opts else -1
 
+    def _hang_up_losers(self, chan: Channel, losers: list[Channel], *, queue: bool = False) -> None:
+        """The calls that lost to the one answered (app_dial and app_queue ringall):
+        ``DialEnd CANCEL`` for each (wait_for_answer), then each is hung up with cause 26,
+        AST_CAUSE_ANSWERED_ELSEWHERE (hanguptree). app_queue's hangupcalls() reports each
+        one's ``DialEnd CANCEL`` once more, right before its ``Hangup``."""
+        for other in losers:
+            self.emit_two("DialEnd", chan, other, [("DialStatus", "CANCEL")])
+        for other in losers:
+            other.hangup_cause = 26
+            if queue:
+                self.emit_two("DialEnd", chan, other, [("DialStatus", "CANCEL")])
+            self.destroy(other)
+
     def _new_callee(self, chan: Channel | None, ep: Endpoint, number: str) -> Channel:
         callee = self.new_channel(
             ep.name, context=ep.context, exten="s",
@@ -826,27 +991,23 @@ class PBX:
         callee._driven = True  # type: ignore[attr-defined]
         return callee
 
-    async def _ring(self, chan: Channel | None, callee: Channel, ep: Endpoint, timeout: float | None,
-                    *, dial_events: bool, on_answer: Callable[[], None] | None = None) -> str:
-        """Ring ``callee`` (driven by the endpoint script). Returns ANSWER, NOANSWER,
-        BUSY, CHANUNAVAIL or CANCEL (the caller went away)."""
+    async def _ring(self, chan: Channel | None, callee: Channel, ep: Endpoint, timeout: float | None) -> str:
+        """Ring one ``callee`` for Originate (``chan`` None) or an rrmemory queue member:
+        returns ANSWER, NOANSWER, BUSY or CANCEL (the caller went away). The caller
+        emits its own DialEnd events and hangs the callee up; a busy or unreachable one
+        is already gone."""
         if ep.unreachable:
             await (chan.wait(self.clock, timeout) if chan else self.clock.sleep(timeout or 0))
             callee.hangup_cause = 0
             self.destroy(callee)
             return "CANCEL" if chan and chan.interrupted else "NOANSWER"
-        if ep.busy:
-            callee.hangup_cause = 17
-            if dial_events:
-                self.emit_two("DialEnd", chan, callee, [("DialStatus", "BUSY")])
+        if ep.busy or ep.congested:
+            callee.hangup_cause = 17 if ep.busy else 34
             self.destroy(callee)
             return "BUSY"
         if callee.state != 5:
             self.set_state(callee, 5)
-        local_ringing = chan is not None and chan.local_half == 2 and self._local_ringing(chan, callee)
         self.emit_two("DialState", chan, callee, [("DialStatus", "RINGING")])
-        if local_ringing and chan is not None and chan.local_peer is not None and chan.local_peer.local_dialed:
-            self.emit_two("DialState", None, chan.local_peer, [("DialStatus", "RINGING")])
         ring = ep.ring_s if ep.answer else None
         if timeout is not None:
             ring = timeout if ring is None else min(ring, timeout)
@@ -859,21 +1020,79 @@ class PBX:
         if callee.hungup or callee.hangup_requested:
             answered = False
         if not answered:
-            status = "CANCEL" if chan is not None and chan.interrupted else "NOANSWER"
             callee.hangup_cause = 0
-            if dial_events:
-                self.emit_two("DialEnd", chan, callee, [("DialStatus", status)])
-                self.destroy(callee)
-            # Otherwise the caller (Queue, Originate) emits its own events and hangs up
-            # the callee.
-            return status
+            return "CANCEL" if chan is not None and chan.interrupted else "NOANSWER"
         self.set_state(callee, 6)
-        if dial_events:
-            self.emit_two("DialEnd", chan, callee, [("DialStatus", "ANSWER")])
-        if on_answer:
-            on_answer()
         callee._driven = False  # type: ignore[attr-defined]
         return "ANSWER"
+
+    async def _ring_many(self, chan: Channel, calls: list[tuple[Endpoint, Channel]], timeout: float | None,
+                         on_fail: Callable[[int, str], None] | None = None) -> tuple[str, list[int], int]:
+        """Ring every callee at once, first to answer wins: wait_for_answer() of app_dial
+        and of app_queue's ``ringall``. Each callee is driven by its endpoint script: a
+        busy (486) or congested (503) one fails at once (``DialEnd BUSY``/``CONGESTION``,
+        ``on_fail(index, status)``, ``Hangup`` cause 17/34); an unreachable one never
+        rings; the others ring (``Newstate Ringing``, ``DialState RINGING``) and the one
+        with the shortest ``ring_s`` within ``timeout`` answers (``Newstate Up``).
+
+        Returns ``(outcome, ringing, winner)``: outcome ``ANSWER``, ``NOANSWER`` (timeout),
+        ``CANCEL`` (the caller hung up or was redirected) or ``FAILED`` (every callee
+        failed at once); ``ringing`` the indices of the callees still up (the winner's
+        included); ``winner`` its index or -1. The caller emits the final DialEnd events
+        and hangs up the rest."""
+        ring_start = self.clock.now()
+        ringing: list[int] = []
+        for i, (ep, callee) in enumerate(calls):
+            if ep.busy or ep.congested:
+                status = "BUSY" if ep.busy else "CONGESTION"
+                callee.hangup_cause = 17 if ep.busy else 34
+                self.emit_two("DialEnd", chan, callee, [("DialStatus", status)])
+                if on_fail is not None:
+                    on_fail(i, status)
+                self.destroy(callee)
+                continue
+            if not ep.unreachable:
+                if callee.state != 5:
+                    self.set_state(callee, 5)
+                # A Local ;2 dialing (the attended transfer target, 06c): ;1 rings too.
+                local = chan.local_half == 2 and self._local_ringing(chan, callee)
+                self.emit_two("DialState", chan, callee, [("DialStatus", "RINGING")])
+                if local and chan.local_peer is not None and chan.local_peer.local_dialed:
+                    self.emit_two("DialState", None, chan.local_peer, [("DialStatus", "RINGING")])
+            ringing.append(i)
+        if not ringing:
+            return "FAILED", [], -1
+        answering = sorted((calls[i][0].ring_s, i) for i in ringing
+                           if calls[i][0].answer and not calls[i][0].unreachable
+                           and (timeout is None or calls[i][0].ring_s <= timeout))
+
+        def gone(c: Channel) -> bool:
+            return c.hungup or c.hangup_requested
+
+        while True:
+            alive = [(t, i) for t, i in answering if not gone(calls[i][1])]
+            if alive:
+                deadline: float | None = ring_start + alive[0][0]
+            else:
+                deadline = None if timeout is None else ring_start + timeout
+            left = None if deadline is None else deadline - self.clock.now()
+            if left is not None and left <= 0:
+                break
+            await chan.wait(self.clock, left)
+            if chan.interrupted:
+                for i in ringing:
+                    calls[i][1].hangup_cause = 0
+                return "CANCEL", ringing, -1
+        ringing = [i for i in ringing if not calls[i][1].hungup]
+        if alive:
+            won = alive[0][1]
+            winner = calls[won][1]
+            self.set_state(winner, 6)
+            winner._driven = False  # type: ignore[attr-defined]
+            return "ANSWER", ringing, won
+        for i in ringing:
+            calls[i][1].hangup_cause = 0
+        return "NOANSWER", ringing, -1
 
     def _schedule_endpoint_hangup(self, chan: Channel, ep: Endpoint) -> None:
         if ep.hangup_after is None:
@@ -938,46 +1157,25 @@ class PBX:
 
     async def _ring_all(self, chan: Channel, queue: QueueConfig, members: list[QueueMember], opts: str,
                         ) -> tuple[str, list[tuple[QueueMember, Endpoint, Channel]], int]:
-        """``ringall``: every member rings at once (``ring_one``), the first to answer
-        wins. Returns ``(ANSWER|NOANSWER|CANCEL, ringing calls, winner index)``; busy
-        members are dropped at once (``DialEnd BUSY``, ``AgentRingNoAnswer``)."""
+        """``ringall``: every member is called (``ring_one``: ``AgentCalled`` and
+        ``DialBegin`` each), then all ring at once through :meth:`_ring_many`, the first
+        to answer wins. Returns ``(ANSWER|NOANSWER|CANCEL, ringing calls, winner index)``;
+        busy members are dropped at once (``DialEnd BUSY``, ``AgentRingNoAnswer``)."""
         calls = []
         for member in members:
             ep = self.endpoints[member.interface.partition("/")[2]]
             calls.append((member, ep, self._call_member(chan, queue, member, ep, opts)))
-        ring_start = self.clock.now()
-        ringing = []
-        for member, ep, callee in calls:
-            if ep.busy:
-                callee.hangup_cause = 17
-                self.emit_two("DialEnd", chan, callee, [("DialStatus", "BUSY")])
-                self.emit_two("AgentRingNoAnswer", chan, callee, [
-                    *self._member_event(queue, member), ("RingTime", "0")], "agent,all")
-                self.destroy(callee)
-                continue
-            if not ep.unreachable:
-                self.set_state(callee, 5)
-                self.emit_two("DialState", chan, callee, [("DialStatus", "RINGING")])
-            ringing.append((member, ep, callee))
-        answering = sorted((ep.ring_s, i) for i, (_, ep, _) in enumerate(ringing)
-                           if ep.answer and not ep.unreachable and ep.ring_s <= queue.timeout)
-        deadline = ring_start + (answering[0][0] if answering else queue.timeout)
-        while (left := deadline - self.clock.now()) > 0:
-            if await chan.wait(self.clock, left):
-                break
-            if chan.interrupted:
-                for _, _, callee in ringing:
-                    callee.hangup_cause = 0
-                return "CANCEL", ringing, -1
-        for _, idx in answering:
-            callee = ringing[idx][2]
-            if not (callee.hungup or callee.hangup_requested):
-                self.set_state(callee, 6)
-                callee._driven = False  # type: ignore[attr-defined]
-                return "ANSWER", ringing, idx
-        for _, _, callee in ringing:
-            callee.hangup_cause = 0
-        return "NOANSWER", ringing, -1
+
+        def rna(i: int, _: str) -> None:
+            member, _ep, callee = calls[i]
+            self.emit_two("AgentRingNoAnswer", chan, callee, [
+                *self._member_event(queue, member), ("RingTime", "0")], "agent,all")
+
+        outcome, ringing, won = await self._ring_many(chan, [(ep, c) for _, ep, c in calls], queue.timeout, rna)
+        ring_calls = [calls[i] for i in ringing]
+        if outcome == "ANSWER":
+            return "ANSWER", ring_calls, ringing.index(won)
+        return ("NOANSWER" if outcome == "FAILED" else outcome), ring_calls, -1
 
     async def app_queue(self, chan: Channel, data: str) -> int:
         args = split_args(data) + [""] * 5
@@ -988,7 +1186,7 @@ class PBX:
         qtimeout = float(args[4]) if args[4].strip() else None
         callers = self.queue_callers.setdefault(qname, [])
         callers.append(chan)
-        joined = self.clock.now()
+        joined = chan.queue_joined = self.clock.now()
         self.emit_chan("QueueCallerJoin", chan, [
                 ("Queue", qname),
                 ("Position", str(len(callers))),
@@ -1000,6 +1198,7 @@ class PBX:
             pos = callers.index(chan) + 1 if chan in callers else 1
             if chan in callers:
                 callers.remove(chan)
+            chan.queue_joined = None
             self.emit_chan("QueueCallerLeave", chan, [
                     ("Queue", qname),
                     ("Position", str(pos)),
@@ -1007,6 +1206,7 @@ class PBX:
 
         def abandon() -> None:
             nonlocal moh_on
+            queue.abandoned += 1
             pos = callers.index(chan) + 1 if chan in callers else 1
             self.emit_chan("QueueCallerAbandon", chan, [
                     ("Queue", qname),
@@ -1041,14 +1241,9 @@ class PBX:
                 outcome, ringing, won = await self._ring_all(chan, queue, members, opts)
                 if outcome == "ANSWER":
                     member, ep, callee = ringing[won]
-                    losers = [c for i, (_, _, c) in enumerate(ringing) if i != won]
                     self.emit_two("DialEnd", chan, callee, [("DialStatus", "ANSWER")])
-                    for other in losers:  # wait_for_answer, then hangupcalls()
-                        self.emit_two("DialEnd", chan, other, [("DialStatus", "CANCEL")])
-                    for other in losers:
-                        other.hangup_cause = 26  # AST_CAUSE_ANSWERED_ELSEWHERE
-                        self.emit_two("DialEnd", chan, other, [("DialStatus", "CANCEL")])
-                        self.destroy(other)
+                    # wait_for_answer, then hangupcalls()
+                    self._hang_up_losers(chan, [c for i, (_, _, c) in enumerate(ringing) if i != won], queue=True)
                     break
                 if outcome == "CANCEL":
                     moh_on = False
@@ -1089,7 +1284,7 @@ class PBX:
                 queue.rr_next = (idx + 1) % len(queue.members)
             callee = self._call_member(chan, queue, member, ep, opts)
             ring_start = self.clock.now()
-            outcome = await self._ring(chan, callee, ep, queue.timeout, dial_events=False)
+            outcome = await self._ring(chan, callee, ep, queue.timeout)
             if outcome == "ANSWER":
                 self.emit_two("DialEnd", chan, callee, [("DialStatus", "ANSWER")])
                 break
@@ -1120,6 +1315,9 @@ class PBX:
         chan.connected_num, chan.connected_name = ep.callerid_num, ep.callerid_name
         hold = int(self.clock.now() - joined)
         ringtime = max(0, int(self.clock.now() - ring_start))
+        # recalc_holdtime(): the first value as is, then 3/4 old + 1/4 new.
+        first = queue.completed + queue.abandoned == 0
+        queue.holdtime = hold if first else (queue.holdtime * 3 + hold) >> 2
         leave()
         self.emit_two("AgentConnect", chan, callee, [
                 *self._member_event(queue, member),
@@ -1146,7 +1344,9 @@ class PBX:
                 ("HoldTime", str(hold)),
                 ("TalkTime", str(int(self.clock.now() - talk_start))),
                 ("Reason", reason)], "agent,all")
+        talk = int(self.clock.now() - talk_start)
         queue.completed += 1
+        queue.talktime = talk if queue.completed == 1 else (queue.talktime * 3 + talk) >> 2
         if chan.bridge is bridge or (chan.bridge is not None and chan.bridge.kind == "atxfer"):
             self.bridge_leave(chan)
         # app_queue lets the member leg go before the caller (04).
@@ -1162,7 +1362,7 @@ class PBX:
         success. The channel runs the dialplan only after the response (17)."""
         parsed = self._parse_target(channel)
         ep = self.endpoints.get(parsed[0]) if parsed else None
-        if parsed is None or ep is None:
+        if parsed is None or ep is None or not self.reachable(ep):
             self._originate_response(action_id, "Failure", None, channel, context, exten, 0, callerid)
             return False
         chan = self.new_channel(ep.name, context=ep.context, exten="s", caller_num=ep.callerid_num,
@@ -1178,8 +1378,7 @@ class PBX:
             self.emit_chan("NewCallerid", chan, [("CID-CallingPres", "0 (Presentation Allowed, Not Screened)")])
         dialstring = channel.partition("/")[2]
         self.emit_two("DialBegin", None, chan, [("DialString", dialstring)])
-        outcome = await self._ring(None, chan, ep, timeout, dial_events=False,
-                                   on_answer=None)
+        outcome = await self._ring(None, chan, ep, timeout)
         if outcome != "ANSWER":
             if not chan.hungup:
                 chan.hangup_cause = 19 if outcome == "NOANSWER" else 0

@@ -146,6 +146,18 @@ class Simulator:
             self.pbx.spawn(self._dtmf_later(chan, dtmf, dtmf_after), f"dtmf {chan.name}")
         return chan
 
+    def register(self, endpoint: str) -> None:
+        """The phone of a dynamic-AOR endpoint (``Endpoint(dynamic=True)``, agent2001 by
+        default) sends REGISTER: ``PeerStatus``, ``DeviceStateChange NOT_INUSE``,
+        ``ExtensionStatus`` of its hints and ``ContactStatus NonQualified`` (07b). Until
+        then the device is ``UNAVAILABLE`` and dialing it gives ``CHANUNAVAIL``."""
+        self.pbx.register(endpoint)
+
+    def unregister(self, endpoint: str) -> None:
+        """The phone sends REGISTER with ``Expires: 0``: ``ExtensionStatus``,
+        ``PeerStatus``, ``DeviceStateChange UNAVAILABLE``, ``ContactStatus Removed`` (07b)."""
+        self.pbx.unregister(endpoint)
+
     async def _hangup_later(self, chan: Channel, delay: float) -> None:
         await self.clock.sleep(delay)
         self.pbx.remote_hangup(chan)
