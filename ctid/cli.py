@@ -7,6 +7,8 @@
 * ``ctid demo``: the daemon on embedded defaults (SQLite, no MQTT) with the built-in
   Asterisk simulator acting as the PBX and generating inbound calls.
 * ``ctid db upgrade -c ctid.toml``: apply database migrations and exit.
+* ``ctid hash-secret``: hash an agent's PIN or password (read from stdin, never from
+  the command line) for ``pin_hash`` in the config.
 * ``ctid version``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. AMI login rejected), 2 bad usage or config.
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_sub.add_parser("upgrade", help="apply migrations to the configured database")
     upgrade.add_argument("-c", "--config", required=True, type=Path)
+    sub.add_parser("hash-secret", help="hash an agent PIN or password for pin_hash (reads it from stdin)")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -57,11 +60,33 @@ def _load_or_report(path: Path) -> Config | None:
         return None
 
 
+def _hash_secret() -> int:
+    """Never from the command line: arguments are visible to every user in ``ps``."""
+    import getpass
+
+    from ctid.api.auth import hash_secret
+
+    if sys.stdin.isatty():
+        secret = getpass.getpass("PIN or password: ")
+        if getpass.getpass("Again: ") != secret:
+            print("error: the two entries differ", file=sys.stderr)
+            return EXIT_CONFIG
+    else:
+        secret = sys.stdin.readline().rstrip("\r\n")
+    if len(secret) < 4:
+        print("error: use at least 4 characters", file=sys.stderr)
+        return EXIT_CONFIG
+    print(hash_secret(secret))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"ctid {__version__}")
         return EXIT_OK
+    if args.command == "hash-secret":
+        return _hash_secret()
     if args.command == "check-config":
         config = _load_or_report(args.config)
         if config is None:

@@ -333,6 +333,18 @@ class AgentConfig(_Section):
     skills: dict[str, Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=dict)
     max_calls: Annotated[int, Field(ge=1, le=10)] = 1
 
+    @field_validator("pin_hash")
+    @classmethod
+    def _hash(cls, value: str) -> str:
+        if value:
+            from ctid.api.auth import check_secret_hash  # lazy: the API imports this module
+
+            try:
+                check_secret_hash(value)
+            except ValueError:
+                raise ValueError("is not a hash from `ctid hash-secret`") from None
+        return value
+
 
 class QueueConfig(_Section):
     id: Id

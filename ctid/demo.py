@@ -7,14 +7,19 @@ path: ``Answer``, FastAGI ``inbound`` to ctid (which sets ``__CTID_CALL_ID``), t
 native fallback queue, where a simulated agent answers; the caller hangs up after a
 while. ctid follows everything over AMI, logs ``call.started``/``call.answered``/
 ``call.ended`` and writes the call records to the configured database (SQLite by
-default). The demo grows with each issue: events, then agents, IVR and the ACD.
+default). Every event goes out on the bus as it would to MQTT and websockets (one
+``demo.event`` log line each); two demo agents are signed in, and the HTTP API and
+websocket listen with a supervisor token printed at start. The demo grows with each
+issue: agents routed by the ACD, the IVR and recording come next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
+import secrets
 import signal
 from importlib import resources
 from pathlib import Path
@@ -23,7 +28,16 @@ import structlog
 
 from ctid.app import Daemon
 from ctid.calls import CHANNELVARS
-from ctid.config import AsteriskConfig, Config, ServiceLineConfig, TenantConfig
+from ctid.config import (
+    AgentConfig,
+    AsteriskConfig,
+    Config,
+    QueueConfig,
+    ServiceLineConfig,
+    TenantConfig,
+    TokenConfig,
+)
+from ctid.events.schema import Event
 
 log = structlog.get_logger(__name__)
 
@@ -39,8 +53,9 @@ def dialplan_path() -> Path:
     return here
 
 
-def demo_config(config: Config, ami_port: int) -> Config:
-    """The user's config, pointed at the simulator, with a demo line when it has none."""
+def demo_config(config: Config, ami_port: int, token: str) -> Config:
+    """The user's config, pointed at the simulator, with a demo tenant, line, agents,
+    queue and supervisor token when it has no service line of its own."""
     link = AsteriskConfig(id="sim", host="127.0.0.1", port=ami_port, username="ctid",
                           secret=DEMO_SECRET)  # type: ignore[arg-type]
     update: dict[str, object] = {"asterisk": [link]}
@@ -49,8 +64,23 @@ def demo_config(config: Config, ami_port: int) -> Config:
         tenant = TenantConfig(id="demo", name="Demo tenant", timezone="Europe/London")
         update["tenants"] = [tenant, *config.tenants]
         update["service_lines"] = [ServiceLineConfig(id="demo-support", tenant="demo", name="Demo support",
-                                                     dnis=["+442071234567", "200"])]
+                                                     dnis=["+442071234567", "200"], recording="always")]
+        update["agents"] = [AgentConfig(id=n, tenant="demo", name=f"Agent {n}") for n in AGENTS]
+        update["queues"] = [QueueConfig(id="support", tenant="demo", name="Support")]
+        update["tokens"] = [*config.tokens, TokenConfig(
+            name="demo-supervisor", role="supervisor", tenant="demo",
+            token_sha256=hashlib.sha256(token.encode()).hexdigest())]
     return config.model_copy(update=update)
+
+
+class _EventLog:
+    """A bus sink that logs one short line per event, so the demo shows the stream."""
+
+    name = "demo-log"
+
+    def offer(self, event: Event, payload: str) -> None:
+        log.info("demo.event", seq=event.seq, type=event.type, call_id=event.call_id, agent_id=event.agent_id,
+                 queue=event.queue, state=event.data.get("state"))
 
 
 async def run_demo(config: Config, *, calls: int = 0, rate: float | None = None) -> int:
@@ -68,8 +98,10 @@ async def run_demo(config: Config, *, calls: int = 0, rate: float | None = None)
                     channelvars=CHANNELVARS,
                     endpoints=endpoints, queues=queues, time_scale=config.simulator.time_scale)
     await sim.start()
-    config = demo_config(config, sim.ami_port)
+    token = secrets.token_urlsafe(18)
+    config = demo_config(config, sim.ami_port, token)
     daemon = Daemon(config)
+    daemon.bus.add_sink(_EventLog())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -78,8 +110,12 @@ async def run_demo(config: Config, *, calls: int = 0, rate: float | None = None)
         await daemon.start()
         sim.pbx.agi_address = ("127.0.0.1", daemon.agi.port)
         await daemon.links["sim"].client.wait_logged_in(10)
+        for number in AGENTS[:2] if any(a.id == AGENTS[0] for a in config.agents) else ():
+            daemon.agents.login(number, f"PJSIP/{number}")
+        base = f"http://{config.http.bind}:{daemon.api.port}"
         log.info("demo.running", calls_per_minute=per_minute, stop_after=calls or "Ctrl-C",
-                 dialplan=str(dialplan_path()))
+                 dialplan=str(dialplan_path()), api=base, websocket=base.replace("http", "ws", 1) + "/ws",
+                 supervisor_token=token, try_it=f"curl -H 'Authorization: Bearer {token}' {base}/api/v1/calls")
         generator = asyncio.create_task(_generate(sim, config, per_minute, calls, stop))
         failed = asyncio.create_task(daemon.wait_failed())
         stopper = asyncio.create_task(stop.wait())

@@ -318,14 +318,18 @@ async def test_demo_runs_calls_end_to_end_and_stores_them(tmp_path: Path) -> Non
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("CTID_")},
            "CTID_DB_URL": f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}"}
     config = tmp_path / "demo.toml"
-    config.write_text("[simulator]\ntime_scale = 0.05\n")
+    config.write_text("[http]\nport = 0\n[simulator]\ntime_scale = 0.05\n")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ctid", "demo", "-c", str(config), "--calls", "3", "--rate", "600", cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out_bytes, _ = await asyncio.wait_for(proc.communicate(), 90)
     out = out_bytes.decode()
     assert proc.returncode == 0, out
-    assert out.count('"call.started"') >= 3 and out.count('"call.ended"') == 3, out
+    logged = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    names = [line["event"] for line in logged]
+    assert names.count("call.started") == 3 and names.count("call.ended") == 3, out
+    published = [line["type"] for line in logged if line["event"] == "demo.event"]
+    assert published.count("call.ended") == 3 and "agent.state" in published and "queue.stats" in published
     assert "demo: 3 call record(s)" in out
     async with Database(env["CTID_DB_URL"]) as db:
         records = await CallStore(db.sessions).list_calls()

@@ -165,3 +165,20 @@ def test_secrets_with_line_breaks_are_config_errors_not_runtime_surprises() -> N
     assert "Originate" not in str(info.value)
     with pytest.raises(ConfigError):
         parse({}, env={"CTID_AMI_SECRET": "a\rb"})
+
+
+def test_hash_secret_cli_makes_a_hash_that_signs_in() -> None:
+    from ctid.api.auth import verify_secret
+
+    result = subprocess.run([sys.executable, "-m", "ctid", "hash-secret"], input="4321\n", capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    digest = result.stdout.strip()
+    assert digest.startswith("scrypt$") and "4321" not in digest
+    assert verify_secret("4321", digest) and not verify_secret("1234", digest)
+
+
+def test_a_pin_hash_that_is_not_from_hash_secret_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"tenants": [{"id": "acme"}], "agents": [{"id": "1001", "tenant": "acme", "pin_hash": "1234"}]}, env={})
+    assert info.value.problems[0].key == "agents[0].pin_hash"
