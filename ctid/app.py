@@ -59,11 +59,13 @@ from ctid.events.schema import Event
 from ctid.events.stats import StatsSnapshotter
 from ctid.store.calls import CallStore
 from ctid.store.db import Database, StoreError
+from ctid.store.meta import get_meta, set_meta
 from ctid.store.recorder import CallRecorder
 
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], datetime]
+MQTT_CURSOR_KEY = "mqtt.acked_seq"
 
 
 def utc_now() -> datetime:
@@ -146,6 +148,11 @@ class Daemon:
         self._db_ok = True
         try:
             await self.bus.start()
+            if self.config.mqtt.enabled:
+                cursor = await get_meta(self.db, MQTT_CURSOR_KEY)
+                if cursor is not None and cursor.isdigit():
+                    self.mqtt.resume_after(int(cursor))
+                self._spawn("mqtt-cursor", self._save_mqtt_cursor())
             self._spawn("call-recorder", self.recorder.run())
             self._spawn("db-monitor", self._monitor_db())
             self._spawn("mqtt", self.mqtt.run())
@@ -200,7 +207,10 @@ class Daemon:
         await self.crm.close()
         await self.api.stop()  # websockets closed with 1001
         await self.mqtt.stop()  # bounded flush, then retained "offline" on the status topic
-        await self._cancel("mqtt", "db-monitor", "call-recorder")
+        await self._cancel("mqtt", "mqtt-cursor", "db-monitor", "call-recorder")
+        if self.config.mqtt.enabled:
+            with contextlib.suppress(Exception):
+                await set_meta(self.db, MQTT_CURSOR_KEY, str(self.mqtt.last_acked_seq))
         with contextlib.suppress(Exception):
             async with asyncio.timeout(10):
                 await self.recorder.flush()
@@ -247,6 +257,20 @@ class Daemon:
         except AMILoginError as exc:
             self.failure = f"AMI link {link.config.id}: {exc}"
             self._failed.set()
+
+    async def _save_mqtt_cursor(self, interval: float = 1.0) -> None:
+        """Persist the last PUBACKed seq, so a restart while the broker is down still
+        publishes, from the outbox, what this run could not."""
+        saved = self.mqtt.last_acked_seq
+        while True:
+            await asyncio.sleep(interval)
+            current = self.mqtt.last_acked_seq
+            if current != saved:
+                try:
+                    await set_meta(self.db, MQTT_CURSOR_KEY, str(current))
+                    saved = current
+                except Exception as exc:  # the database is down: the next round retries
+                    log.debug("mqtt.cursor_not_saved", reason=f"{type(exc).__name__}: {exc}")
 
     async def _monitor_db(self, interval: float = 5.0) -> None:
         while True:

@@ -184,3 +184,43 @@ async def test_events_survive_a_restart_with_the_broker_down(tmp_path: Path) -> 
 @pytest.fixture
 def mqtt_broker(mqtt_broker: services.Mosquitto) -> services.Mosquitto:
     return mqtt_broker
+
+
+async def test_events_published_while_the_broker_was_down_reach_it_after_a_restart(tmp_path: Path) -> None:
+    """Round 1 runs with no broker and stops; round 2 starts with the broker up and
+    publishes round 1's events from the outbox before its own."""
+    broker_port = services.free_port()
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"
+    sim = make_sim()
+    async with daemon_with(sim, make_config(0, db_url, broker_port)) as daemon:
+        chan = sim.inbound_call(dnis="200", caller="+15551230060")
+        await until(lambda: "__CTID_CALL_ID" in chan.variables)
+        await sim.caller_hangup(chan)
+        await until(lambda: not daemon.links["sim"].model.calls)
+        first_call = chan.variables["__CTID_CALL_ID"]
+    broker = services.start_mosquitto(broker_port)
+    try:
+        received: list[dict[str, Any]] = []
+        async with aiomqtt.Client("127.0.0.1", broker_port, identifier="late-sub") as sub:
+            await sub.subscribe("ctid/v1/acme/calls/#", qos=1)
+
+            async def read() -> None:
+                async for message in sub.messages:
+                    assert isinstance(message.payload, bytes)
+                    received.append(json.loads(message.payload))
+
+            reader = asyncio.create_task(read())
+            try:
+                sim = make_sim()
+                async with daemon_with(sim, make_config(0, db_url, broker_port)):
+                    await until(lambda: any(e["type"] == "call.ended" and e["call_id"] == first_call
+                                            for e in received), 15)
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+        first = [e["type"] for e in received if e["call_id"] == first_call]
+        assert first == ["call.started", "call.abandoned", "call.ended"] or first == ["call.started", "call.ended"]
+        seqs = [e["seq"] for e in received]
+        assert seqs == sorted(seqs)
+    finally:
+        broker.stop()

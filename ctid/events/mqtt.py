@@ -179,6 +179,17 @@ class MQTTPublisher:
             self.last_acked_seq = bus.last_seq
             bus.add_sink(self)
 
+    def resume_after(self, seq: int) -> None:
+        """Continue from a cursor a previous run persisted (the last PUBACKed seq): the
+        events after it that the outbox holds go out first, then the live stream. Call
+        it after the bus has started and before :meth:`run`."""
+        if not self._config.enabled or seq >= self._bus.last_seq:
+            return
+        self.last_acked_seq = seq
+        self._dropped_through = max(self._dropped_through, self._bus.last_seq)
+        self._seen_any = True
+        log.info("mqtt.resuming", after_seq=seq, through_seq=self._bus.last_seq)
+
     # -- the sink ----------------------------------------------------------------------
 
     def offer(self, event: Event, payload: str) -> asyncio.Future[None] | None:
