@@ -17,7 +17,7 @@ import aiomqtt
 import pytest
 
 from ctid.app import Daemon
-from ctid.config import Config, parse
+from ctid.config import Config, CRMConfig, parse
 from ctid.events.contract import validate
 from ctid.simulator import Simulator
 from tests import services
@@ -224,3 +224,56 @@ async def test_events_published_while_the_broker_was_down_reach_it_after_a_resta
         assert seqs == sorted(seqs)
     finally:
         broker.stop()
+
+
+async def test_the_crm_lookup_runs_when_the_call_starts_and_its_result_rides_on_the_call(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    asked: list[str] = []
+
+    async def lookup(request: web.Request) -> web.Response:
+        asked.append(request.query["ani"])
+        return web.json_response({"name": "Zoë Customer", "tier": "gold"})
+
+    app = web.Application()
+    app.router.add_get("/lookup", lookup)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        config = make_config(0, f"sqlite+aiosqlite:///{tmp_path / 'e.db'}", services.free_port())
+        line = config.service_lines[0].model_copy(update={"crm": CRMConfig(
+            url=f"http://127.0.0.1:{port}/lookup?ani={{caller}}", timeout_ms=2000)})
+        config = config.model_copy(update={"service_lines": [line]})
+        sim = make_sim()
+        async with daemon_with(sim, config) as daemon:
+            chan = sim.inbound_call(dnis="200", caller="+44 20&x=1")
+            model = daemon.links["sim"].model
+
+            def crm_data() -> object:
+                calls = list(model.calls.values())
+                return calls[0].data.get("crm") if calls else None
+
+            await until(lambda: crm_data() is not None)
+            (call,) = model.calls.values()
+            assert call.data["crm"] == {"name": "Zoë Customer", "tier": "gold"} and call.data["crm_error"] is None
+            assert asked == ["+44 20&x=1"]  # URL-encoded on the way, decoded exactly by the server
+            await sim.caller_hangup(chan)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_crm_that_is_down_leaves_an_error_not_a_stuck_call(tmp_path: Path) -> None:
+    config = make_config(0, f"sqlite+aiosqlite:///{tmp_path / 'e.db'}", services.free_port())
+    line = config.service_lines[0].model_copy(update={"crm": CRMConfig(
+        url=f"http://127.0.0.1:{services.free_port()}/lookup?ani={{caller}}", timeout_ms=300)})
+    config = config.model_copy(update={"service_lines": [line]})
+    sim = make_sim()
+    async with daemon_with(sim, config) as daemon:
+        sim.inbound_call(dnis="200", caller="+15551230070")
+        model = daemon.links["sim"].model
+        await until(lambda: any(c.data.get("crm_error") not in (None, "pending") for c in model.calls.values()))
+        (call,) = model.calls.values()
+        assert call.data["crm"] is None and call.data["crm_error"] == "unreachable"
