@@ -15,6 +15,10 @@ equal, and the *global* order too for the scenarios listed in ``GLOBAL_ORDER``. 
 target's ``Newchannel`` falls between the transferer's ``BridgeLeave`` and
 ``BridgeEnter`` (two Asterisk threads), and the final AMI Hangup of the transferee emits
 both ``BridgeLeave`` events before either ``Hangup``.
+
+07b (REGISTER/unREGISTER of agent2001) has no call: it is compared message by message,
+``ContactStatus``, ``PeerStatus``, ``DeviceStateChange``, ``ExtensionStatus`` and the list
+actions included (:func:`test_capture_07b_register_unregister_matches`).
 """
 
 from __future__ import annotations
@@ -361,3 +365,69 @@ async def test_lifecycle_matches_capture(scenario: str) -> None:
     expected, got, _ = await run_scenario(scenario, dialplans, driver, channelvars=cv, endpoints=endpoints,
                                           features=FEATURES.get(scenario))
     assert_same(expected, got, scenario in GLOBAL_ORDER)
+
+
+# -- 07b: REGISTER / unREGISTER of a dynamic AOR ------------------------------------------------
+
+# PJSIPShowEndpoint/PJSIPShowContacts are not simulated (they answer the unknown-action
+# error, checked below) and are left out of the comparison, as in test_simulator_ami.
+SKIPPED_07B = {"ctiref-004", "ctiref-005"}
+VOLATILE_07B = {"Uptime", "LastReload", "EventTV", "SessionID", "LocalAddress", "RemoteAddress", "SessionTV"}
+
+
+def shape_07b(messages: list[Message]) -> tuple[list[list[tuple[str, str]]], list[tuple[str, str]]]:
+    """Every message in order, values masked where they depend on time or socket, with
+    two differences the simulator does not model taken out: the actions it does not
+    implement, and app_queue's ``Queue:*`` device states in the ``DeviceStateList``.
+    That list's items come from a hash container, so they are returned apart, sorted."""
+    ordered: list[list[tuple[str, str]]] = []
+    devices: list[tuple[str, str]] = []
+    for m in messages:
+        if m.get("ActionID") in SKIPPED_07B or (m.get("RequestType") or "").startswith("Action: PJSIPShow"):
+            continue
+        if m.get("ActionID") == "ctiref-007" and m.name == "DeviceStateChange":
+            if not (m.get("Device") or "").startswith("Queue:"):
+                assert [k for k, _ in m.headers] == ["Event", "ActionID", "Device", "State"]
+                devices.append((m.get("Device") or "", m.get("State") or ""))
+            continue
+        fields = [(k, "*" if k in VOLATILE_07B else v) for k, v in m.headers]
+        if m.name == "DeviceStateListComplete":
+            fields = [(k, "*" if k == "ListItems" else v) for k, v in fields]
+        ordered.append(fields)
+    return ordered, sorted(devices)
+
+
+async def test_capture_07b_register_unregister_matches() -> None:
+    path = FIXTURES / "07b-register-unregister-devicestate.ami"
+    capture = parse_capture(path)
+    actions = sent_actions(path.with_suffix(".sent.txt"))
+    sim = Simulator(dialplan=MAIN, time_scale=SCALE, strict=False)
+    await sim.start()
+    rec = Recorder(sim)
+    try:
+        await rec.open()
+        await send_action(rec, actions, 1, sim, capture)  # ExtensionState 2001: Unavailable
+        sim.register("agent2001")
+        await rec.event("ContactStatus", ContactStatus="NonQualified")
+        await send_action(rec, actions, 2, sim, capture)  # ExtensionState 2001: Idle
+        for i in (3, 4):  # PJSIPShowEndpoint, PJSIPShowContacts
+            resp = await send_action(rec, actions, i, sim, capture)
+            assert resp.name == "Error" and "Invalid/unknown command" in (resp.get("Message") or "")
+        sim.unregister("agent2001")
+        await rec.event("ContactStatus", ContactStatus="Removed")
+        await send_action(rec, actions, 5, sim, capture)  # ExtensionState 2001: Unavailable
+        await send_action(rec, actions, 6, sim, capture)  # DeviceStateList
+        await rec.event("DeviceStateListComplete")
+        await send_action(rec, actions, 7, sim, capture)  # ExtensionStateList
+        await rec.event("ExtensionStateListComplete")
+        await send_action(rec, actions, 8, sim, capture)  # the capture's own Logoff
+        await asyncio.wait_for(rec.task, 5.0)
+    finally:
+        await sim.stop()
+    assert not sim.errors
+    exp_order, exp_devices = shape_07b(capture)
+    got_order, got_devices = shape_07b(rec.messages)
+    assert got_order == exp_order
+    assert got_devices == exp_devices
+    done = next(m for m in rec.messages if m.name == "DeviceStateListComplete")
+    assert done.get("ListItems") == str(len(got_devices))

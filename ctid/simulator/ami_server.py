@@ -693,14 +693,13 @@ class AMIServer:
         self.pbx.emit_chan("MixMonitorStop", chan)
 
     def a_userevent(self, s: Session, a: Message) -> None:
-        name = a.get("UserEvent")
-        if not name:
-            self.error(s, a, "UserEvent header missing")
-            return
-        fields: Fields = [("Privilege", "user,all"), ("UserEvent", name)]
-        fields += [(k, v) for k, v in a.headers if k not in ("Action", "ActionID", "UserEvent")]
+        """manager.c action_userevent: ``Event Sent``, then a ``UserEvent`` event (class
+        user) with ``UserEvent: <name>`` first and every other header of the action, in
+        its order, ``ActionID`` included; only ``Action`` and ``UserEvent`` are left out."""
+        fields: Fields = [("UserEvent", a.get("UserEvent") or "")]
+        fields += [(k, v) for k, v in a.headers if k.lower() not in ("action", "userevent")]
         self.respond(s, a, "Success", message="Event Sent")
-        self.broadcast(Message.event("UserEvent", fields))
+        self.pbx.emit("UserEvent", "user,all", fields)  # recorded and fanned out like any event
 
     def a_queuepause(self, s: Session, a: Message) -> None:
         iface = a.get("Interface") or ""

@@ -23,6 +23,11 @@ That gives the capture semantics in one place:
   at its after-bridge priority instead (15);
 * ``Dial`` without ``g`` ends the caller when the callee hangs up or is redirected
   (06, 17); with ``g`` the caller continues (15c);
+* ``Dial(A&B)`` and ``Queue`` ``ringall`` ring every callee at once through one loop,
+  :meth:`PBX._ring_many`; the calls that lose to the first answer get ``DialEnd
+  CANCEL`` and are hung up with cause 26 (:meth:`PBX._hang_up_losers`);
+* device states: ``DeviceStateChange`` and, for hinted devices, ``ExtensionStatus``
+  (04, 13); dynamic AORs are ``UNAVAILABLE`` until :meth:`PBX.register` (07b);
 * AMI ``Atxfer`` runs the attended transfer of :mod:`ctid.simulator.transfer` (06c):
   DTMF feature code, consultation through a Local channel pair, ``AttendedTransfer``
   when the transferer hangs up, then Local channel optimisation. Dial/Queue options
