@@ -5,8 +5,19 @@ The config owns the organisation model that every other part uses:
 * **tenants**: a BPO runs several client projects on one ctid; each tenant has a time
   zone that defines its "today" (for statistics and business hours);
 * **service lines**: each belongs to a tenant and is matched by the DNIS (the number the
-  caller dialled);
+  caller dialled), and may send its calls straight to a queue;
+* **agents** (with skills) and **queues** (with their routing rules, which
+  :mod:`ctid.acd.rules` turns into plain values; skill expressions are parsed by
+  :mod:`ctid.acd.expr`);
 * **asterisk**: one or more AMI links.
+
+Queue cross-checks (in :func:`reference_problems`): every ``queue:<id>`` target and
+service-line ``queue`` names a queue of the same tenant, no queue targets itself, the
+targets form no loop (a call keeps its enqueue time, so it would bounce for ever), and
+every skill a queue names (``requires``, relaxation steps, ``weights``) is held by some
+agent of that tenant in the file. The skill check is an error, not a warning, because
+a typo there silently starves the queue; it is skipped for a tenant with no agents in
+the file, whose agents live only in the database.
 
 Every option has a default, documented in ``ctid.example.toml`` at the repository root
 (keep the two in step: ``tests/test_config.py`` checks that the example loads and that
@@ -45,10 +56,13 @@ from pydantic import (
     model_validator,
 )
 
+from ctid.acd.expr import ExpressionError, is_skill_name, parse_expression
 from ctid.asterisk.safety import UnsafeValueError, check_ami_value, check_id
 
 _DNIS_RE = re.compile(r"^(\+?[0-9*#]{1,32}|s)$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
+_E164_RE = re.compile(r"\+[1-9][0-9]{1,14}")
+_TARGET_RE = re.compile(r"queue:(?P<queue>.+)|voicemail|callback|hangup")
 
 
 def _check_id(value: str) -> str:
@@ -71,7 +85,37 @@ def _check_host(value: str) -> str:
     return value
 
 
+def _check_expression(value: str) -> str:
+    try:
+        parse_expression(value)
+    except ExpressionError as exc:
+        raise ValueError(f"bad skill expression: {exc.one_line()}") from None
+    return value
+
+
+def _check_target(value: str) -> str:
+    match = _TARGET_RE.fullmatch(value)
+    queue = match.group("queue") if match else None
+    if match is None or (queue is not None and not _valid_id(queue)):
+        raise ValueError(f"{value!r} must be queue:<id>, voicemail, callback or hangup")
+    return value
+
+
+def _valid_id(value: str) -> bool:
+    try:
+        check_id(value)
+    except UnsafeValueError:
+        return False
+    return True
+
+
 Id = Annotated[str, AfterValidator(_check_id)]
+SkillExpression = Annotated[str, AfterValidator(_check_expression)]
+"""A skill expression (grammar in :mod:`ctid.acd.expr`), kept as the text."""
+Target = Annotated[str, AfterValidator(_check_target)]
+"""Where a call goes when it leaves a queue: ``queue:<id>``, ``voicemail``,
+``callback`` or ``hangup``."""
+Seconds = Annotated[float, Field(ge=0, le=86400)]
 Host = Annotated[str, AfterValidator(_check_host)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 BindPort = Annotated[int, Field(ge=0, le=65535)]
@@ -225,6 +269,8 @@ class ServiceLineConfig(_Section):
     crm: CRMConfig | None = None
     recording: Literal["always", "never", "on_demand"] = "never"
     """Recording policy carried by the screen pop (recording control comes later)."""
+    queue: Id | None = None
+    """Send calls straight to this queue (same tenant) with no IVR prompts."""
 
     @field_validator("dnis")
     @classmethod
@@ -333,6 +379,15 @@ class AgentConfig(_Section):
     skills: dict[str, Annotated[int, Field(ge=1, le=10)]] = Field(default_factory=dict)
     max_calls: Annotated[int, Field(ge=1, le=10)] = 1
 
+    @field_validator("skills")
+    @classmethod
+    def _skill_names(cls, value: dict[str, int]) -> dict[str, int]:
+        for name in value:
+            if not is_skill_name(name):
+                raise ValueError(f"skill {name!r} must be name or name:value of [A-Za-z0-9_.-], "
+                                 "so an expression can name it")
+        return value
+
     @field_validator("pin_hash")
     @classmethod
     def _hash(cls, value: str) -> str:
@@ -346,10 +401,111 @@ class AgentConfig(_Section):
         return value
 
 
+class RelaxStepConfig(_Section):
+    """One relaxation step: once it applies, its ``requires`` replaces the queue's.
+
+    A step applies when the call has waited ``after`` seconds **and**, if set, the
+    call's EWT is at least ``ewt_s`` **and**, if set, at least ``depth`` calls are
+    waiting in the queue. Of the steps that apply, the last one in the list wins."""
+
+    after: Seconds = 0.0
+    """Seconds of waiting (steps must be listed in non-decreasing ``after``)."""
+    ewt_s: Seconds | None = None
+    depth: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    requires: SkillExpression
+
+
+class StickyConfig(_Section):
+    """Offer a call to the agent who last handled this caller in this queue."""
+
+    days: Annotated[float, Field(gt=0, le=366)] = 7.0
+    """How long the last agent is remembered."""
+    wait_s: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    """How long the call waits for that agent before any eligible agent may take it."""
+
+
+class OverflowConfig(_Section):
+    """Send the call elsewhere once it has waited ``after_s`` **or** its EWT is at least
+    ``ewt_s`` (whichever happens first; at least one must be set)."""
+
+    after_s: Annotated[float, Field(gt=0, le=86400)] | None = None
+    ewt_s: Annotated[float, Field(gt=0, le=86400)] | None = None
+    target: Target
+
+    @model_validator(mode="after")
+    def _when(self) -> OverflowConfig:
+        if self.after_s is None and self.ewt_s is None:
+            raise ValueError("overflow needs after_s, ewt_s or both")
+        if self.target == "hangup":
+            raise ValueError("overflow target must be queue:<id>, voicemail or callback "
+                             "(max_wait_s ends the wait)")
+        return self
+
+
 class QueueConfig(_Section):
+    """A ctid queue and its routing rules (see :mod:`ctid.acd.rules` for the meaning).
+
+    Every option has a default; no limit (max wait, max length) applies unless set."""
+
     id: Id
     tenant: Id
     name: str = ""
+    requires: SkillExpression = "*"
+    """Which agents of the tenant may take the calls; ``*`` is any agent."""
+    policy: Literal["longest-idle", "most-skilled", "least-occupied", "round-robin"] = "longest-idle"
+    weights: dict[str, Annotated[float, Field(ge=0, le=100)]] = Field(default_factory=dict)
+    """``most-skilled`` score weight per skill name or ``family:*`` (default 1.0)."""
+    relax: list[RelaxStepConfig] = Field(default_factory=list)
+    priority: Annotated[int, Field(ge=0, le=9)] = 5
+    """Priority of the queue's calls, 0-9, 9 highest (the IVR or CRM may set another)."""
+    vip_numbers: list[str] = Field(default_factory=list)
+    """Caller numbers (E.164, exact) whose calls get ``vip_priority``."""
+    vip_priority: Annotated[int, Field(ge=0, le=9)] = 9
+    sticky: StickyConfig | None = None
+    overflow: OverflowConfig | None = None
+    max_wait_s: Annotated[float, Field(gt=0, le=86400)] | None = None
+    max_wait_action: Target = "voicemail"
+    max_queue_length: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """Calls waiting at most; a call arriving at a full queue gets ``full_action``."""
+    full_action: Target = "voicemail"
+    closed: bool = False
+    """A closed queue takes no calls: they get ``closed_action`` at once."""
+    closed_action: Target = "voicemail"
+    wrapup_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    """After-call work before the agent is ready again; 0: ready at hangup."""
+    ring_timeout_s: Annotated[float, Field(ge=1, le=300)] = 15.0
+    """Ring the agent this long before RONA."""
+    checkin_s: Annotated[float, Field(ge=1, le=10)] = 5.0
+    """Hold check-in interval (FastAGI from ctid-hold), at most 10 s."""
+    short_abandon_s: Annotated[float, Field(ge=0, le=600)] = 5.0
+    """Abandons sooner than this are short abandons (left out of the service level)."""
+    sl_threshold_s: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    """Service level: answered within this many seconds."""
+
+    @field_validator("relax")
+    @classmethod
+    def _sorted(cls, value: list[RelaxStepConfig]) -> list[RelaxStepConfig]:
+        for i in range(1, len(value)):
+            if value[i].after < value[i - 1].after:
+                raise ValueError(f"steps must be sorted by after: step {i} (after = {value[i].after:g}) "
+                                 f"comes after step {i - 1} (after = {value[i - 1].after:g})")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weight_names(cls, value: dict[str, float]) -> dict[str, float]:
+        for name in value:
+            if not is_skill_name(name, allow_wildcard=True):
+                raise ValueError(f"weight key {name!r} must be a skill name or family:*")
+        return value
+
+    @field_validator("vip_numbers")
+    @classmethod
+    def _e164(cls, value: list[str]) -> list[str]:
+        for number in value:
+            if not _E164_RE.fullmatch(number):
+                raise ValueError(f"VIP number {number!r} must be E.164, e.g. +442071234567")
+        return value
 
 
 class SimulatorConfig(_Section):
@@ -392,6 +548,12 @@ class Config(_Section):
             if tenant.id == tenant_id:
                 return tenant
         raise KeyError(tenant_id)
+
+    def queue(self, queue_id: str) -> QueueConfig:
+        for queue in self.queues:
+            if queue.id == queue_id:
+                return queue
+        raise KeyError(queue_id)
 
     def line_for_dnis(self, dnis: str) -> ServiceLineConfig | None:
         """The service line whose DNIS list contains ``dnis`` exactly."""
@@ -445,7 +607,114 @@ def reference_problems(data: Mapping[str, Any]) -> list[str]:
                 problems.append(f"service_lines[{i}].dnis: {number!r} is already used by line {other!r}")
     if "asterisk" in data and not _items(data, "asterisk"):
         problems.append("asterisk: at least one [[asterisk]] link is required")
+    _queue_problems(data, problems)
     return problems
+
+
+_QUEUE_ACTIONS = ("overflow.target", "max_wait_action", "full_action", "closed_action")
+
+
+def _queue_problems(data: Mapping[str, Any], problems: list[str]) -> None:
+    """Queue references: targets, service-line queues, routing loops, unknown skills."""
+    queues = {item.get("id"): item for item in _items(data, "queues")}
+    for i, line in enumerate(_items(data, "service_lines")):
+        ident = line.get("queue")
+        if isinstance(ident, str):
+            _same_tenant_queue(problems, f"service_lines[{i}].queue", ident, line.get("tenant"), queues)
+    edges: dict[str, set[str]] = {}
+    for i, queue in enumerate(_items(data, "queues")):
+        for key in _QUEUE_ACTIONS:
+            section, _, field = key.rpartition(".")
+            holder = queue.get(section) if section else queue
+            value = holder.get(field) if isinstance(holder, Mapping) else None
+            target = value[6:] if isinstance(value, str) and value.startswith("queue:") else None
+            if target is None or not _valid_id(target):
+                continue  # not a queue, or a field error already
+            if target == queue.get("id"):
+                problems.append(f"queues[{i}].{key}: a queue cannot send calls to itself")
+            elif _same_tenant_queue(problems, f"queues[{i}].{key}", target, queue.get("tenant"), queues):
+                edges.setdefault(str(queue.get("id")), set()).add(target)
+    _loop_problems(problems, [str(item.get("id")) for item in _items(data, "queues")], edges)
+    _skill_problems(data, problems)
+
+
+def _same_tenant_queue(problems: list[str], key: str, ident: str, tenant: object,
+                       queues: Mapping[object, Mapping[str, Any]]) -> bool:
+    target = queues.get(ident)
+    if target is None:
+        problems.append(f"{key}: unknown queue {ident!r}")
+        return False
+    if target.get("tenant") != tenant:
+        problems.append(f"{key}: queue {ident!r} is in tenant {target.get('tenant')!r}")
+        return False
+    return True
+
+
+def _loop_problems(problems: list[str], order: list[str], edges: Mapping[str, set[str]]) -> None:
+    # A call sent round a loop keeps its enqueue time, so it would bounce for ever.
+    # Depth-first search with colours: reaching a queue still on the path is a loop.
+    done: set[str] = set()
+    for start in order:
+        if start in done:
+            continue
+        path = [start]
+        stack = [iter(sorted(edges.get(start, ())))]
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                stack.pop()
+                done.add(path.pop())
+            elif nxt in path:
+                loop = " -> ".join([*path[path.index(nxt):], nxt])
+                problems.append(f"queues[{order.index(nxt)}]: calls would loop between queues {loop}")
+            elif nxt not in done:
+                path.append(nxt)
+                stack.append(iter(sorted(edges.get(nxt, ()))))
+
+
+def _skill_problems(data: Mapping[str, Any], problems: list[str]) -> None:
+    """Skills a queue names that no agent of its tenant in this file has (likely typos).
+
+    Only checked for tenants with agents in the file: agents provisioned in the
+    database alone are not known to ``check-config``."""
+    held: dict[object, set[str]] = {}
+    for agent in _items(data, "agents"):
+        skills = agent.get("skills")
+        names = held.setdefault(agent.get("tenant"), set())
+        if isinstance(skills, Mapping):
+            names.update(str(name) for name in skills)
+    for i, queue in enumerate(_items(data, "queues")):
+        known = held.get(queue.get("tenant"))
+        if known is None:
+            continue
+        named: list[tuple[str, set[str]]] = []
+        texts = [(f"queues[{i}].requires", queue.get("requires"))]
+        steps = queue.get("relax")
+        for j, step in enumerate(steps if isinstance(steps, list) else []):
+            text = step.get("requires") if isinstance(step, Mapping) else None
+            texts.append((f"queues[{i}].relax[{j}].requires", text))
+        for key, text in texts:
+            try:
+                expr = parse_expression(text) if isinstance(text, str) else None
+            except ExpressionError:
+                expr = None  # reported as a field error
+            if expr is not None:
+                named.append((key, set(expr.skill_names())))
+        weights = queue.get("weights")
+        if isinstance(weights, Mapping):
+            named.append((f"queues[{i}].weights", {str(name) for name in weights}))
+        for key, names in named:
+            unknown = sorted(name for name in names if not _skill_known(name, known))
+            if unknown:
+                problems.append(f"{key}: no agent of tenant {queue.get('tenant')!r} has skill "
+                                + ", ".join(repr(name) for name in unknown))
+
+
+def _skill_known(name: str, known: set[str]) -> bool:
+    if name.endswith(":*"):
+        prefix = name[:-1]
+        return any(skill.startswith(prefix) for skill in known)
+    return name in known
 
 
 def _unique(problems: list[str], section: str, ids: list[str]) -> None:
