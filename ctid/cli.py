@@ -7,6 +7,11 @@
 * ``ctid demo``: the daemon on embedded defaults (SQLite, no MQTT) with the built-in
   Asterisk simulator acting as the PBX and generating inbound calls.
 * ``ctid db upgrade -c ctid.toml``: apply database migrations and exit.
+* ``ctid seed -c ctid.toml [--force]``: migrate, then add the config's agents, queues and
+  skills that the database lacks and print what was done. Entries already in the
+  database (an admin may have changed them over the API) are kept; ``--force``
+  overwrites them from the config. Nothing is ever deleted. Exit 1 if the database
+  fails.
 * ``ctid hash-secret``: hash an agent's PIN or password (read from stdin, never from
   the command line) for ``pin_hash`` in the config.
 * ``ctid version``.
@@ -45,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_sub.add_parser("upgrade", help="apply migrations to the configured database")
     upgrade.add_argument("-c", "--config", required=True, type=Path)
+    seed = sub.add_parser("seed", help="add the config's new agents, queues and skills to the database")
+    seed.add_argument("-c", "--config", required=True, type=Path)
+    seed.add_argument("--force", action="store_true",
+                      help="also overwrite database entries from the config (undoes changes made over the API)")
     sub.add_parser("hash-secret", help="hash an agent PIN or password for pin_hash (reads it from stdin)")
     sub.add_parser("version", help="print the version")
     return parser
@@ -80,6 +89,25 @@ def _hash_secret() -> int:
     return EXIT_OK
 
 
+async def _seed(config: Config, force: bool) -> int:
+    from ctid.store.db import Database, StoreError
+    from ctid.store.provisioning import ProvisioningError, ProvisioningStore
+
+    database = Database(config.database.url)
+    try:
+        await database.start()
+        report = await ProvisioningStore(database.sessions).seed(config, force=force, actor="cli")
+    except (StoreError, ProvisioningError) as exc:
+        print(f"ctid seed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        await database.close()
+    print(f"seeded {database.url}{' (--force)' if force else ''}")
+    for line in report.lines():
+        print(line)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
@@ -111,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(upgrade(config.database.url))
         print("database is at the latest schema")
         return EXIT_OK
+    if args.command == "seed":
+        return asyncio.run(_seed(config, args.force))
 
     from ctid.app import Daemon, DaemonFailed
 

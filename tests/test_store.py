@@ -37,8 +37,9 @@ from ctid.store.db import (
 from ctid.store.models import Call, CallLeg, EventOutbox, Meta, metadata
 from ctid.store.types import UTCDateTime
 
-EXPECTED_TABLES = {"alembic_version", "calls", "call_legs", "event_outbox", "meta"}
-HEAD = "0001"
+EXPECTED_TABLES = {"alembic_version", "calls", "call_legs", "event_outbox", "meta",
+                   "agents", "agent_skills", "queues", "skills", "audit_log"}
+HEAD = "0002"
 T0 = datetime(2024, 3, 10, 14, 30, 0, tzinfo=UTC)
 
 

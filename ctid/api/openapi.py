@@ -14,6 +14,7 @@ from ctid.agents.states import DEFAULT_PAUSE_REASONS, AgentState
 from ctid.api.commands import COMMANDS
 from ctid.calls import CallState
 from ctid.events.schema import EVENT_TYPES
+from ctid.store.provisioning import MAX_SKILLS, SKILL_PATTERN
 
 __all__ = ["document"]
 
@@ -50,12 +51,15 @@ _SCHEMAS: Final[JSON] = {
             "properties": {
                 "code": {"type": "string", "enum": [
                     "bad_json", "bad_request", "unauthorized", "forbidden", "not_found", "method_not_allowed",
-                    "wrong_state", "too_large", "rate_limited", "unavailable", "internal", "http_error"]},
+                    "wrong_state", "conflict", "too_large", "rate_limited", "unavailable", "internal",
+                    "http_error"]},
                 "message": {"type": "string"},
                 "state": {"type": "string", "enum": [s.value for s in AgentState],
                           "description": "With wrong_state (409): the agent's current state."},
                 "field": {"type": "string", "description": "The request field that was refused."},
                 "retry_after": {"type": "integer", "description": "With rate_limited (429): seconds to wait."},
+                "problems": {"type": "array", "items": {"type": "string"},
+                             "description": "With a refused reload: every problem of the config file."},
             }}},
     },
     "AgentState": {
@@ -147,6 +151,173 @@ _SCHEMAS: Final[JSON] = {
         },
     },
 }
+
+
+_SKILL_MAP: Final = {
+    "type": "object", "maxProperties": MAX_SKILLS, "propertyNames": {"pattern": f"^{SKILL_PATTERN}$"},
+    "additionalProperties": {"type": "integer", "minimum": 1, "maximum": 10},
+    "description": "Skill name (name or name:value) to level 1..10", "examples": [{"lang:en": 7, "billing": 3}],
+}
+_ADMIN_AGENT_FIELDS: Final[JSON] = {
+    "tenant": {"type": "string", "description": "One of the config's tenants"},
+    "name": {"type": "string", "maxLength": 200},
+    "pin_hash": {"type": "string", "description": "From `ctid hash-secret` (scrypt); empty: no PIN sign-in"},
+    "max_calls": {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
+    "enabled": {"type": "boolean", "default": True, "description": "Disabled agents are not loaded by the daemon"},
+    "skills": _SKILL_MAP,
+}
+_ADMIN_QUEUE_FIELDS: Final[JSON] = {
+    "tenant": {"type": "string", "description": "One of the config's tenants"},
+    "name": {"type": "string", "maxLength": 200},
+    "options": {"type": "object", "description": "The queue's routing options, the fields of a [[queues]] "
+                                                 "entry of the config other than id, tenant and name "
+                                                 "(requires, policy, relax, overflow, wrapup_s, ...), "
+                                                 "validated like the config. Unknown options are refused."},
+}
+_SOURCE: Final = {"type": "string", "enum": ["config", "api"],
+                  "description": "config: seeded (or ctid seed --force); api: last changed by an admin"}
+
+_SCHEMAS.update({
+    "AdminAgent": {
+        "type": "object",
+        "required": ["agent_id", "tenant", "name", "pin_set", "max_calls", "enabled", "skills", "source",
+                     "updated_at"],
+        "properties": {
+            "agent_id": {"type": "string"}, "tenant": {"type": "string"}, "name": {"type": "string"},
+            "pin_set": {"type": "boolean", "description": "Whether a PIN hash is set (the hash is never shown)"},
+            "max_calls": {"type": "integer"}, "enabled": {"type": "boolean"}, "skills": _SKILL_MAP,
+            "source": _SOURCE, "updated_at": _TS,
+        },
+    },
+    "AdminAgentCreate": {
+        "type": "object", "required": ["agent_id", "tenant"], "additionalProperties": False,
+        "properties": {"agent_id": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                       **_ADMIN_AGENT_FIELDS},
+    },
+    "AdminAgentUpdate": {
+        "type": "object", "additionalProperties": False,
+        "description": "The fields given replace the agent's; the others keep their value.",
+        "properties": {"agent_id": {"type": "string", "description": "If given, the id in the path"},
+                       **_ADMIN_AGENT_FIELDS},
+    },
+    "AdminAgentResult": {"type": "object", "required": ["agent"], "properties": {"agent": _ref("AdminAgent")}},
+    "AdminQueue": {
+        "type": "object", "required": ["queue_id", "tenant", "name", "options", "source", "updated_at"],
+        "properties": {"queue_id": {"type": "string"}, "tenant": {"type": "string"}, "name": {"type": "string"},
+                       "options": {"type": "object", "description": "The options that were set"},
+                       "source": _SOURCE, "updated_at": _TS},
+    },
+    "AdminQueueCreate": {
+        "type": "object", "required": ["queue_id", "tenant"], "additionalProperties": False,
+        "properties": {"queue_id": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                       **_ADMIN_QUEUE_FIELDS},
+    },
+    "AdminQueueUpdate": {
+        "type": "object", "additionalProperties": False,
+        "description": "The fields given replace the queue's (options as a whole); the others keep their value.",
+        "properties": {"queue_id": {"type": "string", "description": "If given, the id in the path"},
+                       **_ADMIN_QUEUE_FIELDS},
+    },
+    "AdminQueueResult": {"type": "object", "required": ["queue"], "properties": {"queue": _ref("AdminQueue")}},
+    "Skill": {
+        "type": "object", "required": ["name", "description", "agents"],
+        "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                       "agents": {"type": "integer", "minimum": 0, "description": "Agents that have it"}},
+    },
+    "AuditEntry": {
+        "type": "object", "required": ["id", "ts", "actor", "action", "entity", "entity_id", "before", "after"],
+        "properties": {
+            "id": {"type": "integer"}, "ts": _TS,
+            "actor": {"type": "string", "description": "The token name; config for seeds, cli for ctid seed"},
+            "action": {"type": "string", "enum": ["create", "update", "set_skills", "delete"]},
+            "entity": {"type": "string", "enum": ["agent", "queue", "skill"]},
+            "entity_id": {"type": "string"},
+            "before": {"type": ["object", "null"], "description": "The entity before (null for a create)"},
+            "after": {"type": ["object", "null"], "description": "The entity after (null for a delete)"},
+        },
+    },
+})
+
+_ADMIN_ERRORS: Final = {"401": _error("Missing, invalid or expired token."),
+                        "403": _error("The token does not have the admin role."),
+                        "503": _error("Provisioning is not available.")}
+
+
+def _admin_op(op_id: str, summary: str, responses: JSON, *, params: list[JSON] | None = None,
+              body: str | None = None, description: str = "") -> JSON:
+    op: JSON = {"operationId": op_id, "summary": summary, "tags": ["admin"], "security": [{"bearer": []}],
+                "parameters": params or [], "responses": {**responses, **_ADMIN_ERRORS}}
+    if description:
+        op["description"] = description
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {_JSON_MEDIA: {"schema": _ref(body)}}}
+        op["responses"].setdefault("400", _error("Malformed JSON, unknown field, or an invalid value; "
+                                                 "error.field is its path."))
+        op["responses"].setdefault("413", _error("Body larger than max_message_bytes."))
+    return op
+
+
+def _path_param(name: str) -> JSON:
+    return {"name": name, "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}}
+
+
+def _admin_paths() -> JSON:
+    prefix = "/api/v1/admin"
+    out: JSON = {}
+    for kind, one, key, label in (("agents", "agent", "agent_id", "Agent"), ("queues", "queue", "queue_id",
+                                                                                "Queue")):
+        result = _json(_ref(f"Admin{label}Result"), f"The {one}.")
+        param = [_path_param(key)]
+        out[f"{prefix}/{kind}"] = {
+            "get": _admin_op(f"admin_list_{kind}", f"Provisioned {kind}", {
+                "200": _json({"type": "object", "required": [kind],
+                              "properties": {kind: {"type": "array", "items": _ref(f"Admin{label}")}}},
+                             f"The {kind}, by id.")}, params=[_query("tenant", {"type": "string"},
+                                                                     "Only this tenant's")]),
+            "post": _admin_op(f"admin_create_{one}", f"Create a {one}", {
+                "201": {**_json(_ref(f"Admin{label}Result"), f"Created; Location names the {one}."),
+                        "headers": {"Location": {"schema": {"type": "string"}}}},
+                "409": _error(f"A {one} with this id exists.")}, body=f"Admin{label}Create"),
+        }
+        out[f"{prefix}/{kind}/{{{key}}}"] = {
+            "get": _admin_op(f"admin_get_{one}", f"One {one}", {
+                "200": result, "400": _error("Invalid id."), "404": _error(f"Unknown {one}.")}, params=param),
+            "put": _admin_op(f"admin_update_{one}", f"Change a {one}", {
+                "200": result, "404": _error(f"Unknown {one}.")}, params=param, body=f"Admin{label}Update"),
+            "delete": _admin_op(f"admin_delete_{one}", f"Delete a {one}", {
+                "204": {"description": "Deleted" + (", with its skills." if one == "agent" else ".")},
+                "400": _error("Invalid id."), "404": _error(f"Unknown {one}.")}, params=param),
+        }
+    out[f"{prefix}/agents/{{agent_id}}/skills"] = {"put": {
+        **_admin_op("admin_set_agent_skills", "Replace an agent's skills", {
+            "200": _json(_ref("AdminAgentResult"), "The agent."), "404": _error("Unknown agent.")},
+            params=[_path_param("agent_id")], description="New skill names join the catalogue."),
+        "requestBody": {"required": True, "content": {_JSON_MEDIA: {"schema": {
+            "type": "object", "required": ["skills"], "additionalProperties": False,
+            "properties": {"skills": _SKILL_MAP}}}}},
+    }}
+    out[f"{prefix}/agents/{{agent_id}}/skills"]["put"]["responses"].update({
+        "400": _error("Malformed JSON, unknown field, bad skill name or level."),
+        "413": _error("Body larger than max_message_bytes.")})
+    out[f"{prefix}/skills"] = {"get": _admin_op("admin_list_skills", "The skill catalogue", {
+        "200": _json({"type": "object", "required": ["skills"],
+                      "properties": {"skills": {"type": "array", "items": _ref("Skill")}}}, "Skills by name.")})}
+    out[f"{prefix}/audit"] = {"get": _admin_op("admin_audit", "The provisioning audit log, newest first", {
+        "200": _json({"type": "object", "required": ["audit"],
+                      "properties": {"audit": {"type": "array", "items": _ref("AuditEntry")}}}, "Audit rows."),
+        "400": _error("Invalid query parameter.")}, params=[
+        _LIMIT_Q, _query("entity", {"type": "string", "enum": ["agent", "queue", "skill"]}, "Only this kind"),
+        _query("entity_id", {"type": "string"}, "Only this entity")])}
+    out[f"{prefix}/reload"] = {"post": _admin_op(
+        "admin_reload", "Reload the config (as SIGHUP does)", {
+            "200": _json({"type": "object", "required": ["reload"], "properties": {"reload": {"type": "object"}}},
+                         "Reloaded; what changed."),
+            "400": _error("The config file is invalid; error.problems lists why. Nothing changed."),
+            "409": _error("The stored provisioning does not fit the new config. Nothing changed.")},
+        description="Reads the config file again, seeds the entries that are new in it (never overwriting "
+                    "changes made through this API) and applies what is reloadable without a restart.")}
+    return out
 
 
 def _agent_command(command: str, summary: str, body: JSON | None) -> JSON:
@@ -272,6 +443,7 @@ def document() -> JSON:
                 "503": _error("Replay is unavailable (database down)."),
             },
         }},
+        **_admin_paths(),
         "/api/v1/openapi.json": {"get": {
             "operationId": "openapi", "summary": "This document", "tags": ["meta"], "security": [],
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {_JSON_MEDIA: {}}}}}},
@@ -296,7 +468,7 @@ def document() -> JSON:
     return {
         "openapi": "3.1.0",
         "info": {"title": "ctid API", "version": "1",
-                 "description": "Agent commands, calls, queues and event replay. Errors are "
+                 "description": "Agent commands, calls, queues, event replay and admin provisioning. Errors are "
                                 "{\"error\": {\"code\", \"message\"}}."},
         "paths": paths,
         "components": {

@@ -20,7 +20,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 from aiohttp import web
@@ -34,7 +34,11 @@ from ctid.calls import CallState
 from ctid.config import Config
 from ctid.events.schema import EVENT_TYPES, Event, format_ts
 
-__all__ = ["API_CONTEXT", "ApiContext", "CallLike", "call_json", "error_middleware", "health_status", "setup_routes"]
+if TYPE_CHECKING:
+    from ctid.store.provisioning import ProvisioningStore
+
+__all__ = ["API_CONTEXT", "ApiContext", "CallLike", "ConfigView", "Reload", "call_json", "error_middleware",
+           "health_status", "setup_routes"]
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +96,10 @@ class CallLike(Protocol):
 CallsView = Callable[[], Iterable[CallLike]]
 EndedCalls = Callable[[int], Awaitable[Sequence[CallLike]]]
 Health = Callable[[], Mapping[str, Any]]
+#: The daemon's reload hook (``POST /api/v1/admin/reload``); returns a JSON-able report.
+Reload = Callable[[], Awaitable[Any]]
+#: The config as of the last reload.
+ConfigView = Callable[[], Config]
 
 
 class Replay(Protocol):
@@ -113,6 +121,11 @@ class ApiContext:
     metrics: CollectorRegistry
     clock: Clock
     openapi: bytes
+    #: The admin API (``ctid.api.admin``): the provisioning store (None: 503), the
+    #: reload hook (None: 503), and the current config (None: ``config``).
+    provisioning: ProvisioningStore | None = None
+    reload: Reload | None = None
+    current_config: ConfigView | None = None
 
 
 API_CONTEXT: Final = web.AppKey("ctid.api", ApiContext)

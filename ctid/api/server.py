@@ -19,12 +19,24 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ctid.agents import AgentRegistry
+from ctid.api.admin import setup_admin_routes
 from ctid.api.auth import Authenticator
 from ctid.api.commands import AgentCommands
 from ctid.api.openapi import document
-from ctid.api.rest import API_CONTEXT, ApiContext, CallsView, EndedCalls, Health, error_middleware, setup_routes
+from ctid.api.rest import (
+    API_CONTEXT,
+    ApiContext,
+    CallsView,
+    ConfigView,
+    EndedCalls,
+    Health,
+    Reload,
+    error_middleware,
+    setup_routes,
+)
 from ctid.api.websocket import EventHub, ReplayBus, WebsocketEndpoint
 from ctid.config import Config
+from ctid.store.provisioning import ProvisioningStore
 
 __all__ = ["ApiServer", "build_app"]
 
@@ -64,6 +76,7 @@ def build_app(ctx: ApiContext, ws: WebsocketEndpoint) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=ctx.config.api.max_message_bytes)
     app[API_CONTEXT] = ctx
     setup_routes(app, ws.handle)
+    setup_admin_routes(app)
     return app
 
 
@@ -78,7 +91,9 @@ class ApiServer:
     * ``metrics_registry``: served at ``/metrics``; the API adds its own collector;
     * ``ended_calls(limit)``: recent ended calls from the store (``?state=ended``);
     * ``known_endpoints()``: the devices a login may use (None: pattern check only);
-    * ``env``: where ``CTID_TOKEN_<NAME>`` is read (default ``os.environ``).
+    * ``env``: where ``CTID_TOKEN_<NAME>`` is read (default ``os.environ``);
+    * ``provisioning``, ``reload``, ``current_config``: for the admin API
+      (``ctid.api.admin``); without a store or a hook its routes answer 503.
     """
 
     def __init__(self, config: Config, bus: ReplayBus, agents: AgentRegistry, calls_view: CallsView,
@@ -86,7 +101,9 @@ class ApiServer:
                  ended_calls: EndedCalls | None = None,
                  known_endpoints: Callable[[], Collection[str] | None] | None = None,
                  env: Mapping[str, str] | None = None, clock: Clock = _utc_now,
-                 auth_timeout: float = 5.0, close_timeout: float = 5.0, shutdown_timeout: float = 5.0) -> None:
+                 auth_timeout: float = 5.0, close_timeout: float = 5.0, shutdown_timeout: float = 5.0,
+                 provisioning: ProvisioningStore | None = None, reload: Reload | None = None,
+                 current_config: ConfigView | None = None) -> None:
         self.config = config
         self.bus = bus
         self.auth = Authenticator(config.tokens, config.agents, config.api, env=env, clock=clock)
@@ -94,7 +111,8 @@ class ApiServer:
         commands = AgentCommands(agents, known_endpoints)
         ctx = ApiContext(config=config, auth=self.auth, registry=agents, commands=commands, bus=bus,
                          calls_view=calls_view, ended_calls=ended_calls, health=health, metrics=metrics_registry,
-                         clock=clock, openapi=json.dumps(document()).encode())
+                         clock=clock, openapi=json.dumps(document()).encode(), provisioning=provisioning,
+                         reload=reload, current_config=current_config)
         self.websocket = WebsocketEndpoint(auth=self.auth, bus=bus, hub=self.hub, registry=agents,
                                            commands=commands, api=config.api, queues=list(config.queues),
                                            clock=clock, auth_timeout=auth_timeout, close_timeout=close_timeout)

@@ -10,6 +10,11 @@ can name, so every constraint gets a predictable name.
 
 Timestamps are :class:`~ctid.store.types.UTCDateTime` (aware UTC in, aware UTC
 out). JSON columns are ``JSONB`` on PostgreSQL and SQLite's JSON text elsewhere.
+
+Provisioning (revision 0002; the repository is :mod:`ctid.store.provisioning`):
+``agents`` with their ``agent_skills``, ``queues`` (their routing options are
+one JSON document that :class:`ctid.config.QueueConfig` validates), the
+``skills`` catalogue, and the ``audit_log`` of every change made to them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -37,11 +43,17 @@ from ctid.store.types import UTCDateTime
 __all__ = [
     "CALL_DIRECTIONS",
     "NAMING_CONVENTION",
+    "SOURCES",
+    "AgentSkill",
+    "AuditEntry",
     "Base",
     "Call",
     "CallLeg",
     "EventOutbox",
     "Meta",
+    "ProvisionedAgent",
+    "ProvisionedQueue",
+    "Skill",
     "metadata",
 ]
 
@@ -57,6 +69,11 @@ CALL_DIRECTIONS: tuple[str, ...] = ("inbound", "outbound", "internal")
 
 # JSON that PostgreSQL can index and compare; plain JSON text on SQLite.
 JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+# The same, where Python None is stored as SQL NULL rather than JSON null.
+NullableJSONDocument = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+#: Where a provisioned entry's current content came from.
+SOURCES: tuple[str, ...] = ("config", "api")
 
 # Lengths. call_id is ctid's own id. Asterisk allows a UNIQUEID/LINKEDID of up
 # to 150 characters when the originator sets ChannelId, so those are wider.
@@ -64,6 +81,8 @@ CALL_ID_LEN = 64
 NAME_LEN = 64
 ASTERISK_ID_LEN = 150
 CHANNEL_LEN = 255
+# A skill is NAME or NAME:VALUE, each part an id of up to 64 characters.
+SKILL_LEN = 129
 
 
 class Base(DeclarativeBase):
@@ -162,3 +181,100 @@ class Meta(Base):
 
     key: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class ProvisionedAgent(Base):
+    """An agent as provisioned: seeded from the config or managed over the admin API.
+
+    ``source`` says who wrote the current content: ``config`` (seeded, or
+    overwritten by ``ctid seed --force``) or ``api`` (an admin changed it).
+    """
+
+    __tablename__ = "agents"
+    __table_args__ = (
+        CheckConstraint("source IN ('config', 'api')", name="source"),
+        CheckConstraint("max_calls BETWEEN 1 AND 10", name="max_calls"),
+        Index("ix_agents_tenant", "tenant"),
+    )
+
+    id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(NAME_LEN))
+    name: Mapped[str] = mapped_column(Text)
+    pin_hash: Mapped[str] = mapped_column(Text)
+    max_calls: Mapped[int] = mapped_column(Integer)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    source: Mapped[str] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    skills: Mapped[list[AgentSkill]] = relationship(
+        back_populates="agent",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="AgentSkill.skill",
+        lazy="raise",
+    )
+
+
+class AgentSkill(Base):
+    """One skill of an agent, at a level of 1..10. The name must be in the catalogue."""
+
+    __tablename__ = "agent_skills"
+    __table_args__ = (CheckConstraint("level BETWEEN 1 AND 10", name="level"),)
+
+    agent_id: Mapped[str] = mapped_column(
+        String(NAME_LEN), ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True
+    )
+    skill: Mapped[str] = mapped_column(String(SKILL_LEN), ForeignKey("skills.name"), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer)
+
+    agent: Mapped[ProvisionedAgent] = relationship(back_populates="skills", lazy="raise")
+
+
+class ProvisionedQueue(Base):
+    """A queue as provisioned. ``options`` is everything but id, tenant and name, as
+    :class:`ctid.config.QueueConfig` validates it (only the options that were set)."""
+
+    __tablename__ = "queues"
+    __table_args__ = (
+        CheckConstraint("source IN ('config', 'api')", name="source"),
+        Index("ix_queues_tenant", "tenant"),
+    )
+
+    id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(NAME_LEN))
+    name: Mapped[str] = mapped_column(Text)
+    options: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    source: Mapped[str] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Skill(Base):
+    """The skill catalogue: every skill name an agent may have."""
+
+    __tablename__ = "skills"
+
+    name: Mapped[str] = mapped_column(String(SKILL_LEN), primary_key=True)
+    description: Mapped[str] = mapped_column(Text)
+
+
+class AuditEntry(Base):
+    """One change to provisioning, written in the same transaction as the change.
+
+    ``before``/``after`` are the entity as JSON (None for a create / a delete);
+    PIN hashes never appear in them, only whether one is set.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_ts", "ts"),
+        Index("ix_audit_log_entity_entity_id", "entity", "entity_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(NAME_LEN))
+    action: Mapped[str] = mapped_column(String(32))
+    entity: Mapped[str] = mapped_column(String(16))
+    entity_id: Mapped[str] = mapped_column(String(SKILL_LEN))
+    before: Mapped[dict[str, Any] | None] = mapped_column(NullableJSONDocument)
+    after: Mapped[dict[str, Any] | None] = mapped_column(NullableJSONDocument)
