@@ -240,25 +240,56 @@ def find_exten(dp: Dialplan, context: str, exten: str) -> str:
     return matching[0]
 
 
+def filter_chars(spec: str) -> set[str]:
+    """The characters FILTER(<spec>,...) keeps: literal characters and ``a-b`` ranges."""
+    chars: set[str] = set()
+    i = 0
+    while i < len(spec):
+        if i + 2 < len(spec) and spec[i + 1] == "-":
+            chars.update(chr(c) for c in range(ord(spec[i]), ord(spec[i + 2]) + 1))
+            i += 3
+        else:
+            chars.add(spec[i])
+            i += 1
+    return chars
+
+
 def substitute(text: str, variables: dict[str, str]) -> str:
     # Innermost first; unknown variables and functions become empty, as in Asterisk.
-    # FILTER(0-9+,value) is the one function the dialplan uses.
+    # FILTER(spec,value) and LEN(value) are the functions whose value matters here.
     pattern = re.compile(r"\$\{([^${}]*)\}")
     while (m := pattern.search(text)) is not None:
         expr = m.group(1)
-        if expr.startswith("FILTER(0-9+,") and expr.endswith(")"):
-            value = "".join(c for c in expr[len("FILTER(0-9+,"):-1] if c.isdigit() or c == "+")
+        if expr.startswith("FILTER(") and expr.endswith(")"):
+            spec, _, raw = expr[len("FILTER("):-1].partition(",")
+            keep = filter_chars(spec)
+            value = "".join(c for c in raw if c in keep)
+        elif expr.startswith("LEN(") and expr.endswith(")"):
+            value = str(len(expr[len("LEN("):-1]))
         else:
             value = variables.get(expr, "")
         text = text[:m.start()] + value + text[m.end():]
     return text
 
 
+_OPERAND = r'(?:"([^"]*)"|([^\s"=!<>\]]+))'
+_EXPRESSION = re.compile(r"\$\[\s*" + _OPERAND + r"\s*(=|!=|<=|>=|<|>)\s*" + _OPERAND + r"\s*\]")
+
+
 def evaluate(expression: str) -> bool:
-    """The only expression shape the dialplan may use: $["a" = "b"] or $["a" != "b"]."""
-    m = re.fullmatch(r'\$\[\s*"([^"]*)"\s*(=|!=)\s*"([^"]*)"\s*\]', expression.strip())
+    """The only expression shape the dialplan may use: one comparison, $["a" = "b"] or
+    $["a" != "b"] for strings, $[n < m] (= != < > <= >=) for whole numbers."""
+    m = _EXPRESSION.fullmatch(expression.strip())
     assert m, f"unsupported expression {expression!r}"
-    return (m.group(1) == m.group(3)) == (m.group(2) == "=")
+    quoted = (m.group(1) is not None, m.group(4) is not None)
+    left = m.group(1) if quoted[0] else m.group(2)
+    right = m.group(4) if quoted[1] else m.group(5)
+    op = m.group(3)
+    if left.isdigit() and right.isdigit() and not any(quoted):
+        a, b = int(left), int(right)
+        return {"=": a == b, "!=": a != b, "<": a < b, ">": a > b, "<=": a <= b, ">=": a >= b}[op]
+    assert all(quoted) and op in ("=", "!="), f"bare non-numbers or ordering of strings: {expression!r}"
+    return (left == right) == (op == "=")
 
 
 def split_target(target: str, context: str) -> tuple[str, str | None, str]:
@@ -285,48 +316,74 @@ def priority_index(plist: list[Priority], prio: str) -> int:
 @dataclass
 class Walk:
     apps: list[tuple[str, str]]  # (application, substituted args)
-    end: str                      # the final application, or "end" if priorities ran out
+    end: str                      # the final application, "end" if priorities ran out,
+                                  # "AGI" when a scripted walk ran out of AGI answers
     variables: dict[str, str]
+    contexts: list[str] = field(default_factory=list)  # the context of each app, in order
+
+    def ran(self, app: str) -> list[str]:
+        return [args for a, args in self.apps if a == app]
 
 
-def walk(dp: Dialplan, context: str, dialled: str, agistatus: str, route: str | None = None) -> Walk:
-    """Run the dialplan for a call to ``dialled``; every AGI() returns ``agistatus``
-    and, when ``route`` is given, sets CTID_ROUTE as ctid's inbound script does."""
-    variables = dict(dp.globals)
+def walk(dp: Dialplan, context: str, dialled: str, agistatus: str | list[str],
+         route: str | list[str | None] | None = None, *,
+         variables: dict[str, str] | None = None) -> Walk:
+    """Run the dialplan for a call to ``dialled``. With a string ``agistatus`` every AGI()
+    returns it and, when ``route`` is given, sets CTID_ROUTE as ctid's scripts do. With
+    lists, the n-th AGI() gets the n-th status and route (None: CTID_ROUTE untouched),
+    and the walk stops (end "AGI") at the first AGI() past the end of the script.
+    ``variables``: channel variables set before the walk (e.g. ctid's Setvars, or the
+    DIALSTATUS a Dial() leaves)."""
+    script = isinstance(agistatus, list)
+    statuses: list[str] = agistatus if isinstance(agistatus, list) else []
+    routes: list[str | None] = route if isinstance(route, list) else [None] * len(statuses)
+    assert len(routes) == len(statuses), "one route per scripted AGI"
+    agi_calls = 0
+    state = {**dp.globals, **(variables or {})}
     exten = find_exten(dp, context, dialled)
     index = 0
-    variables["EXTEN"] = dialled
+    state["EXTEN"] = dialled
     apps: list[tuple[str, str]] = []
-    for _ in range(200):
+    where: list[str] = []
+    for _ in range(400):
         plist = dp.contexts[context][exten]
         if index >= len(plist):
-            return Walk(apps, "end", variables)
+            return Walk(apps, "end", state, where)
         step = plist[index]
-        args = substitute(step.args, variables)
+        args = substitute(step.args, state)
         apps.append((step.app, args))
+        where.append(context)
         index += 1
         if step.app in ("Hangup", "Queue"):
-            return Walk(apps, step.app, variables)
+            return Walk(apps, step.app, state, where)
         if step.app == "AGI":
-            variables["AGISTATUS"] = agistatus
-            if route is not None:
-                variables["CTID_ROUTE"] = route
+            if script:
+                if agi_calls == len(statuses):
+                    return Walk(apps, "AGI", state, where)
+                state["AGISTATUS"] = statuses[agi_calls]
+                if routes[agi_calls] is not None:
+                    state["CTID_ROUTE"] = routes[agi_calls] or ""
+            else:
+                state["AGISTATUS"] = agistatus  # type: ignore[assignment]
+                if route is not None:
+                    state["CTID_ROUTE"] = route  # type: ignore[assignment]
+            agi_calls += 1
         elif step.app == "Set":
             name, _, value = args.partition("=")
-            variables[name.lstrip("_")] = value
+            state[name.lstrip("_")] = value
         elif step.app in ("Goto", "GotoIf"):
             target = args
             if step.app == "GotoIf":
                 condition, _, branches = step.args.partition("?")
                 if_true, _, if_false = branches.partition(":")
-                target = if_true if evaluate(substitute(condition, variables)) else if_false
-                target = substitute(target, variables)
+                target = if_true if evaluate(substitute(condition, state)) else if_false
+                target = substitute(target, state)
                 if not target:
                     continue
             context, new_exten, prio = split_target(target, context)
             if new_exten is not None:
                 exten = find_exten(dp, context, new_exten)
-                variables["EXTEN"] = new_exten
+                state["EXTEN"] = new_exten
             index = priority_index(dp.contexts[context][exten], prio)
     raise AssertionError(f"dialplan loop: {apps[-10:]}")
 
@@ -441,7 +498,11 @@ def test_every_goto_and_include_target_exists() -> None:
                     continue
                 for target in targets:
                     where = f"[{context}] {exten},{p.number} {p.app}({p.args})"
+                    # A target may be built from globals (their shipped defaults are
+                    # checked); from anything else it could not be checked at all.
+                    target = substitute(target, dp.globals)
                     assert "$" not in target, f"{where}: dynamic target"
+                    assert target.strip(), f"{where}: a global in the target is empty"
                     ctx, ext, prio = split_target(target, context)
                     ext = exten if ext is None else ext
                     assert ctx in dp.contexts, f"{where}: no context {ctx!r}"
@@ -454,6 +515,228 @@ def test_every_context_is_commented() -> None:
     for i, line in enumerate(lines):
         if line.startswith("["):
             assert lines[i + 1].startswith(";"), f"{line} has no comment below it"
+
+
+# --------------------------------------------------------------------------- ctid's contexts
+# The walker plays ctid's part: AGI() answers come from the scripted statuses/routes,
+# AMI Setvars and Dial()'s DIALSTATUS are given as variables.
+
+# Where ctid sends calls with Redirect/Originate, and the extensions it names there.
+CTID_ENTRY_POINTS = {
+    "ctid-hold": {"s"}, "ctid-connect": {"s"}, "ctid-onhold": {"s", "agent"},
+    "ctid-callback": {"s"}, "ctid-outbound": {"s"}, "ctid-voicemail": {"s"}, "ctid-fallback": {"s"},
+}
+CHECKIN = "agi://127.0.0.1:4573/checkin?call_id=c1"
+SURVEY = "agi://127.0.0.1:4573/survey?call_id=c1"
+
+
+def pjsip_endpoints() -> set[str]:
+    conf = read_conf(CONF_DIR / "pjsip.conf")
+    return {s.name for s in conf.sections
+            if not s.is_template and dict(resolved_options(conf, s)).get("type") == "endpoint"}
+
+
+def test_the_contexts_ctid_redirects_and_originates_into_exist() -> None:
+    dp = load_dialplan()
+    for context, extens in CTID_ENTRY_POINTS.items():
+        assert context in dp.contexts, context
+        assert extens <= set(dp.contexts[context]), (context, set(dp.contexts[context]))
+    assert dp.globals["CTID_VOICEMAIL_CONTEXT"] == "ctid-voicemail"
+    assert dp.globals["CTID_TRUNK"] in pjsip_endpoints()
+    assert dp.globals["CTID_OUTBOUND_RING_TIMEOUT"].isdigit()
+
+
+def test_inbound_hold_route_sends_the_caller_to_the_ctid_hold_loop() -> None:
+    result = walk(load_dialplan(), "ctid-inbound", "+442071234567", ["SUCCESS", "SUCCESS"],
+                  ["hold", "release"], variables={"CTID_CALL_ID": "c1"})
+    assert result.ran("AGI") == ["agi://127.0.0.1:4573/inbound?dnis=+442071234567", CHECKIN]
+    assert "ctid-hold" in result.contexts and result.end == "Hangup"
+    assert "Queue" not in dict(result.apps)
+
+
+@pytest.mark.parametrize("status", ["FAILURE", "NOTFOUND", ""])
+def test_inbound_hold_route_counts_only_after_a_successful_session(status: str) -> None:
+    result = walk(load_dialplan(), "ctid-inbound", "200", agistatus=status, route="hold")
+    assert result.end == "Queue" and "ctid-hold" not in result.contexts, result.apps
+
+
+def hold_walk(statuses: list[str], routes: list[str | None], **variables: str) -> Walk:
+    return walk(load_dialplan(), "ctid-hold", "s", statuses, routes, variables={"CTID_CALL_ID": "c1", **variables})
+
+
+def test_hold_loops_music_then_check_in_with_agiexitonhangup_set() -> None:
+    result = hold_walk(["SUCCESS", "SUCCESS", "HANGUP"], ["hold", "", None], CTID_CHECKIN="3")
+    assert result.end == "AGI", "hold, no answer and a HANGUP status all loop to the next check-in"
+    assert result.ran("AGI") == [CHECKIN] * 4
+    assert result.ran("MusicOnHold") == [",3"] * 4
+    # Before every check-in: AGIEXITONHANGUP=yes (so a Redirect takes effect at once),
+    # music, and a cleared CTID_ROUTE (a stale "hold" must not survive a ctid crash).
+    previous = -1
+    for i, (app, _) in enumerate(result.apps):
+        if app != "AGI":
+            continue
+        between = result.apps[previous + 1:i]
+        assert ("Set", "AGIEXITONHANGUP=yes") in between
+        assert ("Set", "CTID_ROUTE=") in between
+        assert between.index(("Set", "CTID_ROUTE=")) > between.index(("MusicOnHold", ",3"))
+        previous = i
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    (None, "5"), ("", "5"), ("abc", "5"), ("0", "5"), ("1", "1"), ("7s", "7"), ("10", "10"), ("11", "10"),
+    ("99", "10"), ("5,evil", "5"),
+])
+def test_checkin_interval_defaults_to_5_and_stays_between_1_and_10(value: str | None, seconds: str) -> None:
+    # MusicOnHold takes 0 or junk as "forever": a caller would never check in again.
+    extra = {} if value is None else {"CTID_CHECKIN": value}
+    assert hold_walk(["SUCCESS"], ["release"], **extra).ran("MusicOnHold") == [f",{seconds}"]
+
+
+@pytest.mark.parametrize(("status", "route", "end", "context"), [
+    ("FAILURE", "hold", "Queue", "ctid-fallback"),    # ctid is gone, whatever CTID_ROUTE says
+    ("FAILURE", None, "Queue", "ctid-fallback"),
+    ("NOTFOUND", "hold", "Queue", "ctid-fallback"),
+    ("SUCCESS", "fallback", "Queue", "ctid-fallback"),
+    ("SUCCESS", "no-such-route", "Queue", "ctid-fallback"),
+    ("SUCCESS", "release", "Hangup", "ctid-hold"),
+    ("SUCCESS", "voicemail", "Hangup", "ctid-voicemail"),
+])
+def test_checkin_outcomes(status: str, route: str | None, end: str, context: str) -> None:
+    result = hold_walk([status], [route])
+    assert (result.end, result.contexts[-1]) == (end, context), result.apps
+    if end == "Queue":
+        assert result.apps[-1] == ("Queue", "ctid-fallback")
+    if context == "ctid-voicemail":
+        assert result.ran("Playback") == ["vm-nobodyavail&vm-goodbye"]
+
+
+def test_voicemail_route_follows_the_voicemail_context_variable() -> None:
+    # ctid (or ctid-site.conf) may point one call at another context: the channel
+    # variable wins over the global.
+    result = hold_walk(["SUCCESS"], ["voicemail"], CTID_VOICEMAIL_CONTEXT="ctid-fallback")
+    assert result.end == "Queue" and result.contexts[-1] == "ctid-fallback"
+
+
+def connect_walk(dialstatus: str, statuses: list[str] | None = None, **variables: str) -> Walk:
+    base = {"CTID_CALL_ID": "c1", "CTID_TARGET": "PJSIP/1001", "CTID_RING_TIMEOUT": "15", "DIALSTATUS": dialstatus}
+    return walk(load_dialplan(), "ctid-connect", "s", statuses or [], [None] * len(statuses or []),
+                variables={**base, **variables})
+
+
+@pytest.mark.parametrize("status", ["NOANSWER", "BUSY", "CHANUNAVAIL", "CONGESTION"])
+def test_connect_without_answer_reports_and_goes_back_to_hold(status: str) -> None:
+    result = connect_walk(status)
+    assert result.ran("Dial") == ["PJSIP/1001,15,g"]
+    assert result.ran("UserEvent") == [f"CtidConnect,CallID: c1,DialStatus: {status}"]
+    assert result.end == "AGI" and result.contexts[-1] == "ctid-hold"  # the next check-in
+    assert result.ran("AGI") == [CHECKIN]
+
+
+def test_connect_answered_hangs_up_or_runs_the_survey() -> None:
+    plain = connect_walk("ANSWER")
+    assert plain.ran("UserEvent") == ["CtidConnect,CallID: c1,DialStatus: ANSWER"]
+    assert plain.end == "Hangup" and plain.ran("AGI") == []
+    survey = connect_walk("ANSWER", ["SUCCESS"], CTID_AFTER="survey")
+    assert survey.ran("AGI") == [SURVEY] and survey.end == "Hangup"
+
+
+@pytest.mark.parametrize(("opts", "dialled"), [
+    ("", "g"), ("g", "g"), ("t", "gt"), ("tT", "gtT"), ("gT", "gT"), ("tL(60000)", "gt"), ("m,300", "g"),
+    ("r", "g"),
+])
+def test_connect_dial_options_are_always_g_plus_only_t_and_T(opts: str, dialled: str) -> None:
+    # g: without it the caller is hung up when the agent hangs up and no CtidConnect
+    # ANSWER is sent. Anything but t/T is dropped: Dial arguments cannot be smuggled in.
+    assert connect_walk("ANSWER", CTID_DIAL_OPTS=opts).ran("Dial") == [f"PJSIP/1001,15,{dialled}"]
+
+
+@pytest.mark.parametrize(("timeout", "seconds"), [
+    (None, "20"), ("", "20"), ("0", "20"), ("abc", "20"), ("15", "15"), ("30,m", "30"),
+])
+def test_connect_ring_timeout_defaults_to_20(timeout: str | None, seconds: str) -> None:
+    # Dial takes 0 or junk as "ring forever": a caller would never get back to hold.
+    result = walk(load_dialplan(), "ctid-connect", "s", [], [], variables={
+        "CTID_CALL_ID": "c1", "CTID_TARGET": "PJSIP/1001", "DIALSTATUS": "NOANSWER",
+        **({} if timeout is None else {"CTID_RING_TIMEOUT": timeout})})
+    assert result.ran("Dial") == [f"PJSIP/1001,{seconds},g"]
+
+
+def test_connect_without_a_target_does_not_dial_and_goes_back_to_hold() -> None:
+    result = connect_walk("", CTID_TARGET="")
+    assert result.ran("Dial") == []
+    assert result.ran("UserEvent") == ["CtidConnect,CallID: c1,DialStatus: CHANUNAVAIL"]
+    assert result.contexts[-1] == "ctid-hold" and result.end == "AGI"
+
+
+def test_onhold_caller_waits_on_music_until_moved_then_ends_like_a_call() -> None:
+    dp = load_dialplan()
+    caller = walk(dp, "ctid-onhold", "s", [], [], variables={"CTID_CALL_ID": "c1"})
+    # No duration: only ctid's Bridge (resume) or a Redirect may end the hold. What runs
+    # after it is the Bridge action's after-bridge location: the call is over.
+    assert caller.ran("MusicOnHold") == [""]
+    assert caller.end == "Hangup" and caller.contexts[-1] == "ctid-connect"
+    survey = walk(dp, "ctid-onhold", "s", ["SUCCESS"], [None], variables={"CTID_CALL_ID": "c1", "CTID_AFTER": "survey"})
+    assert survey.ran("AGI") == [SURVEY]
+    agent = walk(dp, "ctid-onhold", "agent", [], [], variables={"CTID_CALL_ID": "c1"})
+    assert agent.ran("Wait") == ["3600"] and agent.ran("MusicOnHold") == []
+    assert agent.end == "Hangup"
+    # The Bridge action resumes each leg at the priority after its hold application.
+    for exten, app in (("s", "MusicOnHold"), ("agent", "Wait")):
+        plist = dp.contexts["ctid-onhold"][exten]
+        held = next(i for i, p in enumerate(plist) if p.app == app)
+        assert held + 1 < len(plist), f"{exten}: nothing after {app} for the after-bridge location"
+
+
+@pytest.mark.parametrize(("context", "variable", "event"), [
+    ("ctid-callback", "CTID_CALLBACK_NUMBER", "CtidCallback"),
+    ("ctid-outbound", "CTID_DIAL_NUMBER", "CtidOutbound"),
+])
+def test_callback_and_click_to_dial_dial_the_number_out_of_the_trunk(context: str, variable: str, event: str) -> None:
+    dp = load_dialplan()
+    result = walk(dp, context, "s", [], [], variables={"CTID_CALL_ID": "c1", variable: "+15557654321",
+                                                          "DIALSTATUS": "BUSY"})
+    assert result.ran("Dial") == ["PJSIP/+15557654321@trunk,45,gT"]
+    assert result.ran("UserEvent") == [f"{event},CallID: c1,DialStatus: BUSY"]
+    assert result.end == "Hangup"
+    assert not [a for a in result.ran("Set") if a.startswith("CALLERID")], "no caller id set by default"
+    cid = walk(dp, context, "s", [], [], variables={"CTID_CALL_ID": "c1", variable: "442071234567",
+                                                     "CTID_OUTBOUND_CID": "+442070000000", "DIALSTATUS": "ANSWER"})
+    assert "CALLERID(num)=+442070000000" in cid.ran("Set")
+    assert cid.ran("Dial") == ["PJSIP/442071234567@trunk,45,gT"]
+
+
+@pytest.mark.parametrize("context", ["ctid-callback", "ctid-outbound"])
+@pytest.mark.parametrize("number", ["", "+", "123&PJSIP/1002", "123,30,L(1)", "123@othertrunk", "12 34", "1-800"])
+def test_callback_and_click_to_dial_refuse_anything_but_digits_and_plus(context: str, number: str) -> None:
+    variable = "CTID_CALLBACK_NUMBER" if context == "ctid-callback" else "CTID_DIAL_NUMBER"
+    result = walk(load_dialplan(), context, "s", [], [], variables={"CTID_CALL_ID": "c1", variable: number})
+    assert result.ran("Dial") == [], result.apps
+    assert [e.split(",")[-1] for e in result.ran("UserEvent")] == ["DialStatus: INVALIDARGS"]
+    assert result.end == "Hangup"
+
+
+def test_literal_dial_options_are_ones_the_simulator_implements() -> None:
+    from ctid.simulator.pbx import DIAL_OPTIONS
+
+    dp = load_dialplan()
+    for context, exts in dp.contexts.items():
+        for exten, plist in exts.items():
+            for p in plist:
+                if p.app != "Dial":
+                    continue
+                options = [*p.args.split(","), "", ""][2]
+                assert set(options.replace("${CTID_DIAL_OPTS}", "")) <= DIAL_OPTIONS, (context, exten, p.args)
+
+
+def test_features_conf_has_the_transfer_codes_ctid_uses() -> None:
+    from ctid.simulator import load_features_conf
+
+    featuremap = read_conf(CONF_DIR / "features.conf").one("featuremap")
+    assert featuremap.get("atxfer") == "*2", "AMI Atxfer fails without an atxfer code (06c)"
+    assert featuremap.get("blindxfer") == "#1"
+    assert load_features_conf(CONF_DIR / "features.conf").atxfer == "*2"
+    readme = (CONF_DIR / "README.md").read_text(encoding="utf-8")
+    assert "`features.conf`" in readme and "atxfer => *2" in readme
 
 
 def test_agent_hints_cover_the_fallback_queue_members() -> None:
