@@ -31,16 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
 
+from ctid.acd.dispatcher import Dispatcher
 from ctid.agents import AgentRegistry
 from ctid.api.server import ApiServer
 from ctid.asterisk.agi import AGIError, AGISession, FastAGIServer
@@ -48,7 +51,7 @@ from ctid.asterisk.ami import AMIClient, AMILoginError
 from ctid.asterisk.ami_protocol import Message
 from ctid.asterisk.safety import UnsafeValueError, check_id
 from ctid.calls import Call, CallChange, CallModel, ChangeKind
-from ctid.config import AsteriskConfig, Config
+from ctid.config import AsteriskConfig, Config, ConfigError, load
 from ctid.crm.client import CRMClient
 from ctid.crm.enrich import CallEnricher
 from ctid.events.bus import EventBus
@@ -60,6 +63,7 @@ from ctid.events.stats import StatsSnapshotter
 from ctid.store.calls import CallStore
 from ctid.store.db import Database, StoreError
 from ctid.store.meta import get_meta, set_meta
+from ctid.store.provisioning import ProvisioningStore
 from ctid.store.recorder import CallRecorder
 
 log = structlog.get_logger(__name__)
@@ -90,8 +94,9 @@ class Daemon:
     """ctid: build it from a :class:`Config`, then ``await start()`` / ``await stop()``,
     or ``await run_until_signalled()`` from the CLI."""
 
-    def __init__(self, config: Config, *, clock: Clock = utc_now) -> None:
+    def __init__(self, config: Config, *, clock: Clock = utc_now, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.clock = clock
         self.metrics = CollectorRegistry()
         self.db = Database(config.database.url)
@@ -100,10 +105,8 @@ class Daemon:
         self.bus = EventBus(self.db, config=config.events, clock=clock, registry=self.metrics)
         self.notifier = CallNotifier(self.bus.publish, identify_grace=config.events.identify_grace)
         self.mqtt = MQTTPublisher(config.mqtt, instance_id=config.instance.id, bus=self.bus)
-        self.agents = AgentRegistry(config.agents, self._publish_agent_event, clock,
-                                    pause_reasons=(*config.pause_reasons, "rona"))
+        self.provisioning = ProvisioningStore(self.db.sessions)
         self.stats = StatsSnapshotter(self.bus, config.events.stats_interval, clock)
-        self.queue_stats = QueueStatsFeed(config, self.agents, self.stats)
         self.crm = CRMClient()
         self.enricher = CallEnricher(self.crm, config)
         self.links: dict[str, Link] = {}
@@ -124,16 +127,29 @@ class Daemon:
             )
             self.links[link_config.id] = link
         self.agi = FastAGIServer(
-            config.agi.bind, config.agi.port, {"inbound": self._inbound},
+            config.agi.bind, config.agi.port, {"inbound": self._inbound, "checkin": self._checkin},
             env_timeout=config.agi.env_timeout, hangup_grace=config.agi.hangup_grace,
         )
-        self.api = ApiServer(config, self.bus, self.agents, self._active_calls, self.health, self.metrics,
-                             ended_calls=lambda n: self.store.list_calls(active=False, limit=n), clock=clock)
+        self._reload_lock = asyncio.Lock()
+        self._build(config)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failed = asyncio.Event()
         self.failure: str | None = None
         self._db_ok: bool | None = None
         self._started = False
+
+    def _build(self, config: Config) -> None:
+        """The parts that depend on the agents and queues (from the database once it is up)."""
+        self.agents = AgentRegistry(config.agents, self._publish_agent_event, self.clock,
+                                    pause_reasons=(*config.pause_reasons, "rona"))
+        self.queue_stats = QueueStatsFeed(config, self.agents, self.stats)
+        first = next(iter(self.links.values()))
+        self.acd = Dispatcher(config, client=first.client, model=first.model, agents=self.agents, bus=self.bus,
+                              clock=self.clock)
+        self.api = ApiServer(config, self.bus, self.agents, self._active_calls, self.health, self.metrics,
+                             ended_calls=lambda n: self.store.list_calls(active=False, limit=n), clock=self.clock,
+                             provisioning=self.provisioning, reload=self.reload,
+                             current_config=lambda: self.config)
 
     # -- lifetimes -------------------------------------------------------------------
 
@@ -147,6 +163,14 @@ class Daemon:
             raise DaemonFailed(f"database unavailable: {exc}") from None
         self._db_ok = True
         try:
+            # The database is the truth for agents and queues; the config seeds it.
+            report = await self.provisioning.seed(self.config)
+            effective = await self.provisioning.effective_config(self.config)
+            if effective.agents != self.config.agents or effective.queues != self.config.queues:
+                self.config = effective
+                self._build(effective)
+            log.info("acd.provisioning", seeded=str(report), agents=len(self.config.agents),
+                     queues=len(self.config.queues))
             await self.bus.start()
             if self.config.mqtt.enabled:
                 cursor = await get_meta(self.db, MQTT_CURSOR_KEY)
@@ -157,6 +181,7 @@ class Daemon:
             self._spawn("db-monitor", self._monitor_db())
             self._spawn("mqtt", self.mqtt.run())
             await self.crm.start()
+            await self.acd.start()
             await self._listen("FastAGI", self.config.agi.bind, self.config.agi.port, self.agi.start)
             await self._listen("HTTP", self.config.http.bind, self.config.http.port, self.api.start)
         except BaseException:
@@ -165,6 +190,11 @@ class Daemon:
         for link in self.links.values():
             self._spawn(f"ami-{link.config.id}", self._run_link(link))
         self.queue_stats.refresh(self.clock())
+        # Everything built so far lives as long as the daemon: move it out of the cyclic
+        # collector's reach, so full collections (tens of ms on a busy heap, and a pause
+        # for every screen pop in flight) only walk what calls and events allocate.
+        gc.collect()
+        gc.freeze()
         self._started = True
         log.info("ctid.started", agi_port=self.agi.port, http_port=self.api.port, links=list(self.links))
 
@@ -201,6 +231,7 @@ class Daemon:
         for link in self.links.values():
             await link.client.close()  # AMI logs off
         await self._cancel(*(f"ami-{lid}" for lid in self.links))
+        await self.acd.stop()
         self.notifier.close()  # held call events go out now, under the id they have
         self.stats.close()
         await self.enricher.close()
@@ -226,6 +257,22 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    async def reload(self) -> dict[str, Any]:
+        """SIGHUP or ``POST /api/v1/admin/reload``: re-read the config file, seed what is
+        new, and apply the queues' routing rules without a restart. Raises ConfigError
+        (the running config stays) when the file is invalid."""
+        async with self._reload_lock:
+            if self.config_path is None:
+                return {"reloaded": False, "reason": "ctid was started without a config file"}
+            fresh = load(self.config_path)
+            report = await self.provisioning.seed(fresh)
+            effective = await self.provisioning.effective_config(fresh)
+            self.acd.update_rules(effective)
+            self.config = self.config.model_copy(update={"queues": effective.queues})
+            log.info("ctid.reloaded", queues=len(effective.queues), seeded=str(report))
+            return {"reloaded": True, "queues": [q.id for q in effective.queues], "seed": str(report),
+                    "note": "agent changes made in the file reach a running ctid through the database"}
+
     async def wait_failed(self) -> str:
         await self._failed.wait()
         return self.failure or "failed"
@@ -236,6 +283,7 @@ class Daemon:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         try:
             await self.start()
             stopper = asyncio.create_task(stop.wait())
@@ -245,11 +293,22 @@ class Daemon:
             failer.cancel()
         finally:
             await self.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         if self.failure is not None:
             raise DaemonFailed(self.failure)
         return 0
+
+    def _reload_on_signal(self) -> None:
+        async def run() -> None:
+            try:
+                await self.reload()
+            except ConfigError as exc:
+                log.error("ctid.reload_refused", problems=[str(p) for p in exc.problems])
+            except Exception:
+                log.exception("ctid.reload_failed")
+
+        self._spawn("reload", run())
 
     async def _run_link(self, link: Link) -> None:
         try:
@@ -309,6 +368,7 @@ class Daemon:
     def _publish_agent_event(self, event: Event) -> Event:
         stamped = self.bus.publish(event)
         if event.type == "agent.state":
+            self.acd.on_agent_state(stamped)
             self.queue_stats.refresh(event.ts, event.tenant)
         return stamped
 
@@ -327,6 +387,8 @@ class Daemon:
             changes = model.feed(event)
             if changes:
                 self._on_changes(link, changes)
+            if event.name == "UserEvent":
+                self.acd.on_ami_event(event)
 
         return consume
 
@@ -348,6 +410,7 @@ class Daemon:
 
     def _on_changes(self, link: Link, changes: list[CallChange]) -> None:
         self.notifier.on_changes(changes)
+        self.acd.on_changes(changes)
         for change in changes:
             call = change.call
             if change.old_call_id and change.old_call_id != change.call_id:
@@ -362,6 +425,10 @@ class Daemon:
                          state=str(call.state), hangup_by=str(call.hangup_by) if call.hangup_by else None)
 
     # -- FastAGI side ------------------------------------------------------------------
+
+    async def _checkin(self, session: AGISession) -> None:
+        """``agi://ctid/checkin?call_id=...``: the periodic check-in of a waiting caller."""
+        await self.acd.checkin(session)
 
     async def _inbound(self, session: AGISession) -> None:
         """``agi://ctid/inbound?dnis=...``: identify the call, then hand it on."""
@@ -384,8 +451,10 @@ class Daemon:
                 await session.set_variable("__CTID_TENANT", tenant)
                 if line is not None:
                     await session.set_variable("__CTID_SERVICE_LINE", line.id)
-                # No IVR or ACD yet: the native fallback queue serves the call.
-                await session.set_variable("CTID_ROUTE", "fallback")
+                route = "fallback"  # no queue for this line (no IVR yet): the native queue serves it
+                if line is not None and line.queue is not None and line.queue in self.acd.rules:
+                    route = await self.acd.enqueue_from_agi(session, call_id, line.queue, tenant)
+                await session.set_variable("CTID_ROUTE", route)
             except (AGIError, UnsafeValueError) as exc:
                 log.warning("agi.inbound_aborted", reason=str(exc))
 

@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ctid.demo import run_demo
 
             return asyncio.run(run_demo(config, calls=args.calls, rate=args.rate))
-        return asyncio.run(Daemon(config).run_until_signalled())
+        return asyncio.run(Daemon(config, config_path=args.config).run_until_signalled())
     except DaemonFailed as exc:
         print(f"ctid: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -281,7 +282,7 @@ class MQTTPublisher:
     def _client(self) -> Client:
         # A fresh client per connection: paho keeps no half-sent state across sessions.
         password = self._config.password.get_secret_value()
-        return Client(
+        client = Client(
             self._config.host, self._config.port,
             username=self._config.username or None,
             password=password or None,
@@ -290,7 +291,13 @@ class MQTTPublisher:
             tls_context=self._tls,
             keepalive=self._keepalive,
             max_inflight_messages=2 * self._window_size,
+            # Nagle would hold small publishes back for the previous PUBACK.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
+        # The pipelined window keeps up to 2 * window publishes pending by design:
+        # aiomqtt's warning for every publish past 10 pending cost more than the publish.
+        client.pending_calls_threshold = 4 * self._window_size
+        return client
 
     # -- one connection ----------------------------------------------------------------
 

@@ -1,0 +1,456 @@
+"""The ACD's I/O side: it feeds the pure router and carries out its decisions.
+
+The router (``ctid.acd.router``) decides; the dispatcher tells it what happened and acts,
+with the hold-and-redirect pattern of ``dialplans/ctid.conf``:
+
+1. **Queue.** The FastAGI ``inbound`` script calls :meth:`Dispatcher.enqueue_from_agi`
+   for a service line that goes to a queue. The dispatcher decides the priority (VIP
+   numbers), stores ``__CTID_QUEUE``, ``__CTID_PRIO``, ``__CTID_ENQUEUED`` (epoch
+   seconds) and ``CTID_CHECKIN`` on the channel (so a restarted ctid can rebuild the
+   queue from the channels), publishes ``call.queued``, and the call waits in
+   ``[ctid-hold]``: music on hold with a FastAGI check-in every ``checkin_s``.
+2. **Offer.** For each :class:`~ctid.acd.router.Offer`: reserve the agent, publish the
+   screen pop ``call.offered`` with ``bus.publish_and_wait`` (bounded) **before** the
+   phone rings, then ``Setvar`` the target device, ring timeout and Dial options on the
+   caller's channel and ``Redirect`` it to ``[ctid-connect]``, which dials the agent.
+3. **Outcome.** The agent answers: the call model sees the bridge (``call.answered``) and
+   the agent goes ``on_call``. No answer, busy or unavailable: ``[ctid-connect]`` sends
+   ``UserEvent(CtidConnect, DialStatus: …)`` and returns the caller to ``[ctid-hold]``;
+   the agent goes to ``paused:rona`` and the call back to the *head* of its queue, keeping
+   its priority and original enqueue time. The caller hangs up while waiting: the call
+   model ends the call (the caller's non-soft ``HangupRequest``: a FastAGI ``HANGUP`` line
+   alone is not proof, a Redirect makes one too) and the router forgets it. The call ends
+   after an answer: the agent enters wrap-up for the queue's ``wrapup_s`` (0: ready at
+   once), ended by the timer or by the desk's ``wrapup`` command.
+4. **Timers.** One task sleeps until ``router.next_timer()``; overflow and max-wait
+   expiries move the call (another queue keeps the original enqueue time; voicemail and
+   the native queue are reached through ``CTID_ROUTE`` at the next check-in).
+
+Agent state is the registry's (``ctid.agents``); the dispatcher mirrors it into the
+router from the ``agent.state`` events (:meth:`on_agent_state`): ``ready`` makes the
+agent available, any other state except ``reserved``/``on_call`` (which the router
+tracks itself) makes it unavailable, ``logged_out`` removes it.
+
+Not built yet (later work of the ACD issue): sticky agents from call history, callback in
+queue, call control (hold, transfer, click-to-dial, hangup over the API), syncing the
+native fallback queue's members, announcements of position and EWT at the check-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from ctid.acd.router import Expiry, Offer, Router, RouterError
+from ctid.acd.rules import QueueRules, TargetKind
+from ctid.agents import AgentRegistry
+from ctid.agents.states import AgentStateError
+from ctid.asterisk.agi import AGIError, AGISession
+from ctid.asterisk.ami import AMIClient, AMIError
+from ctid.asterisk.ami_protocol import Message
+from ctid.asterisk.safety import UnsafeValueError, check_device, e164_or_none
+from ctid.calls import Call, CallChange, CallModel, CallState, CallStateError, ChangeKind, Role
+from ctid.config import Config
+from ctid.events.bus import EventBus
+from ctid.events.calls import call_data
+from ctid.events.schema import Event, format_ts
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(slots=True)
+class Waiting:
+    """A call ctid routes, from enqueue until it is answered or ends."""
+
+    call_id: str
+    queue: str
+    tenant: str
+    channel: str
+    priority: int
+    enqueued_at: float
+    agent_id: str | None = None  # offered to (ringing), or talking to once answered
+    answered: bool = False
+
+
+class Dispatcher:
+    """One Asterisk link's ACD. Construct it, ``await start()``, ``await stop()``."""
+
+    def __init__(self, config: Config, *, client: AMIClient, model: CallModel, agents: AgentRegistry,
+                 bus: EventBus, clock: Clock) -> None:
+        self._config = config
+        self._client = client
+        self._model = model
+        self._agents = agents
+        self._bus = bus
+        self._clock = clock
+        self.rules: dict[str, QueueRules] = {q.id: QueueRules.from_config(q) for q in config.queues}
+        self.router = Router(self._now)
+        self._calls: dict[str, Waiting] = {}
+        self._wrapups: dict[str, tuple[str, asyncio.TimerHandle | None]] = {}  # agent -> (call, timer)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._exits: dict[str, str] = {}  # call -> CTID_ROUTE for its next check-in (left the queue)
+        self._in_router: set[str] = set()  # agents the router knows (logged in)
+        self._wake = asyncio.Event()
+        self._timer_task: asyncio.Task[None] | None = None
+        self.offers = 0
+        self.ronas = 0
+
+    def _now(self) -> float:
+        return self._clock().timestamp()
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._timer_task = asyncio.create_task(self._timer_loop(), name="acd-timers")
+
+    async def stop(self) -> None:
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            await asyncio.gather(self._timer_task, return_exceptions=True)
+        for _, timer in self._wrapups.values():
+            if timer is not None:
+                timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def update_rules(self, config: Config) -> None:
+        """A reload: new and changed queues apply to calls queued from now on; calls
+        already waiting keep the rules they were queued with."""
+        self._config = config
+        self.rules = {q.id: QueueRules.from_config(q) for q in config.queues}
+
+    def waiting(self, call_id: str) -> Waiting | None:
+        return self._calls.get(call_id)
+
+    # -- entry -------------------------------------------------------------------------
+
+    async def enqueue_from_agi(self, session: AGISession, call_id: str, queue_id: str, tenant: str) -> str:
+        """Queue the call of this FastAGI session; returns the ``CTID_ROUTE`` to set."""
+        rules = self.rules[queue_id]
+        target = rules.entry_target(self.router.depth(queue_id))
+        if target is not None:
+            log.info("acd.queue_refused", queue=queue_id, reason="closed" if rules.closed else "full",
+                     action=str(target.kind))
+            return _route_for(target.kind)
+        caller = session.env.get("agi_callerid")
+        priority = rules.priority_for(e164_or_none(caller or ""))
+        enqueued = self._now()
+        channel = session.channel or ""
+        checkin = str(max(1, min(10, round(rules.checkin_s))))  # the dialplan reads whole seconds, 1..10
+        for name, value in (("__CTID_QUEUE", queue_id), ("__CTID_PRIO", str(priority)),
+                            ("__CTID_ENQUEUED", f"{enqueued:.3f}"), ("CTID_CHECKIN", checkin)):
+            await session.set_variable(name, value)
+        self._enqueue(call_id, queue_id, tenant, channel, priority, enqueued, reason="entered")
+        return "hold"
+
+    def _enqueue(self, call_id: str, queue_id: str, tenant: str, channel: str, priority: int, enqueued: float,
+                 *, reason: str, head: bool = False) -> None:
+        waiting = Waiting(call_id, queue_id, tenant, channel, priority, enqueued)
+        self._calls[call_id] = waiting
+        self.router.enqueue(call_id, self.rules[queue_id], priority, enqueued_at=enqueued, head=head)
+        call = self._model.get(call_id)
+        if call is not None:
+            with contextlib.suppress(CallStateError):
+                self._model.mark(call_id, CallState.QUEUED)
+            self._model.annotate(call_id, data={"queue": queue_id, "priority": priority})
+        self._publish_queued(waiting, reason)
+        self._kick()
+
+    def _publish_queued(self, waiting: Waiting, reason: str) -> None:
+        call = self._model.get(waiting.call_id)
+        data = call_data(call) if call is not None else {}
+        data.update({"state": "queued", "queue": waiting.queue, "priority": waiting.priority,
+                     "position": self.router.position(waiting.call_id) if self.router.is_waiting(waiting.call_id)
+                     else None,
+                     "ewt_s": self.router.ewt(waiting.call_id), "reason": reason})
+        self._bus.publish(Event("call.queued", waiting.tenant, self._clock(), data, call_id=waiting.call_id,
+                                queue=waiting.queue))
+
+    async def checkin(self, session: AGISession) -> None:
+        """``agi://ctid/checkin?call_id=...`` from ``[ctid-hold]``: keep holding, or leave."""
+        call_id = (session.query.get("call_id") or [""])[0]
+        waiting = self._calls.get(call_id)
+        if waiting is None and call_id not in self._exits:
+            waiting = await self._recover(session, call_id)
+        route = self._exits.pop(call_id, None)
+        if route is None:
+            if waiting is None:
+                route = "fallback"  # ctid does not know this call and cannot recover it
+            else:
+                route = "hold"
+                if self.router.is_waiting(call_id):
+                    self.router.refresh(call_id)
+                    self._kick()
+        with contextlib.suppress(AGIError, UnsafeValueError):
+            await session.set_variable("CTID_ROUTE", route)
+
+    async def _recover(self, session: AGISession, call_id: str) -> Waiting | None:
+        """A call in ``[ctid-hold]`` that this ctid does not know (it restarted): rebuild
+        it from the channel variables ctid set itself."""
+        try:
+            queue_id = await session.get_variable("CTID_QUEUE") or ""
+            prio = await session.get_variable("CTID_PRIO") or ""
+            enqueued = await session.get_variable("CTID_ENQUEUED") or ""
+            tenant = await session.get_variable("CTID_TENANT") or ""
+        except AGIError:
+            return None
+        if queue_id not in self.rules or not prio.isdigit() or not call_id:
+            log.warning("acd.recover_failed", call_id=call_id, queue=queue_id)
+            return None
+        try:
+            enqueued_at = float(enqueued)
+        except ValueError:
+            enqueued_at = self._now()
+        self._enqueue(call_id, queue_id, tenant or self.rules[queue_id].tenant, session.channel or "",
+                      int(prio), enqueued_at, reason="recovered")
+        log.info("acd.recovered", call_id=call_id, queue=queue_id)
+        return self._calls.get(call_id)
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        """Something changed: match now, and re-arm the timer task."""
+        for offer in self.router.match():
+            self._spawn(self._offer(offer), f"offer-{offer.call_id}")
+        self._wake.set()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("acd.task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    async def _offer(self, offer: Offer) -> None:
+        waiting = self._calls.get(offer.call_id)
+        call = self._model.get(offer.call_id)
+        if waiting is None or call is None or not call.active:
+            self.router.dequeue(offer.call_id)
+            self._kick()
+            return
+        rules = self.rules[offer.queue_id]
+        agent = self._agents.get(offer.agent_id)
+        device = agent.device or ""
+        try:
+            check_device(device, None)
+        except UnsafeValueError:
+            log.error("acd.bad_device", agent_id=offer.agent_id, device=device)
+            self.router.offer_done(offer.call_id, offer.agent_id, answered=False)
+            self._kick()
+            return
+        waiting.agent_id = offer.agent_id
+        base = call_data(call)
+        try:
+            self._agents.reserve(offer.agent_id, offer.call_id, offer.queue_id, base)
+        except AgentStateError as exc:
+            log.warning("acd.reserve_refused", agent_id=offer.agent_id, reason=str(exc))
+            self.router.offer_done(offer.call_id, offer.agent_id, answered=False)
+            self._kick()
+            return
+        with contextlib.suppress(CallStateError):
+            self._model.mark(offer.call_id, CallState.OFFERED)
+        self.offers += 1
+        line = next((s for s in self._config.service_lines if s.id == call.service_line), None)
+        caller_leg = call.leg(Role.CALLER)
+        pop = dict(base)
+        pop.update({
+            "state": "offered", "queue": offer.queue_id, "priority": offer.priority,
+            "wait_s": round(offer.wait_s, 3), "ivr": dict(call.data.get("ivr") or {}),
+            "crm": call.data.get("crm"), "crm_error": call.data.get("crm_error"),
+            "recording": {"policy": line.recording if line else "never"},
+            "channel": caller_leg.channel if caller_leg else waiting.channel,
+            "uniqueid": caller_leg.uniqueid if caller_leg else None,
+            "ring_timeout_s": rules.ring_timeout_s, "device": device,
+        })
+        event = Event("call.offered", waiting.tenant, self._clock(), pop, call_id=offer.call_id,
+                      agent_id=offer.agent_id, queue=offer.queue_id)
+        # The pop goes out, and is acknowledged by the broker, before the phone rings.
+        await self._bus.publish_and_wait(event)
+        try:
+            channel = waiting.channel
+            for name, value in (("CTID_TARGET", device), ("CTID_RING_TIMEOUT", f"{rules.ring_timeout_s:g}"),
+                                ("CTID_DIAL_OPTS", "")):
+                await self._client.action("Setvar", {"Channel": channel, "Variable": name, "Value": value})
+            await self._client.action("Redirect", {"Channel": channel, "Context": "ctid-connect", "Exten": "s",
+                                                   "Priority": "1"})
+            log.info("acd.offered", call_id=offer.call_id, agent_id=offer.agent_id, queue=offer.queue_id,
+                     wait_s=round(offer.wait_s, 3))
+        except (AMIError, UnsafeValueError) as exc:
+            # The channel is gone (the caller hung up) or the link dropped: release the agent.
+            log.warning("acd.offer_failed", call_id=offer.call_id, agent_id=offer.agent_id, reason=str(exc))
+            self._withdraw(offer.call_id)
+
+    def _withdraw(self, call_id: str) -> None:
+        waiting = self._calls.get(call_id)
+        if waiting is None or waiting.agent_id is None or waiting.answered:
+            return
+        agent_id, waiting.agent_id = waiting.agent_id, None
+        with contextlib.suppress(AgentStateError):
+            self._agents.release(agent_id, call_id)
+        self.router.dequeue(call_id)
+        self._calls.pop(call_id, None)
+        self._kick()
+
+    # -- outcomes from AMI ---------------------------------------------------------------
+
+    def on_ami_event(self, event: Message) -> None:
+        if event.name != "UserEvent" or not event.may_contain("CtidConnect"):
+            return
+        if event.get("UserEvent") != "CtidConnect":
+            return
+        call_id = event.get("CallID") or ""
+        status = event.get("DialStatus") or ""
+        waiting = self._calls.get(call_id)
+        if waiting is None or waiting.agent_id is None or waiting.answered or status == "ANSWER":
+            return
+        # Ring, no answer (or busy, unavailable): the agent pauses, the call goes back to the head.
+        agent_id, waiting.agent_id = waiting.agent_id, None
+        self.ronas += 1
+        log.info("acd.rona", call_id=call_id, agent_id=agent_id, dial_status=status)
+        with contextlib.suppress(AgentStateError):
+            self._agents.rona(agent_id, call_id)
+        with contextlib.suppress(RouterError):
+            self.router.offer_done(call_id, agent_id, answered=False)
+        with contextlib.suppress(CallStateError):
+            self._model.mark(call_id, CallState.QUEUED)
+        self._publish_queued(waiting, "rona")
+        self._kick()
+
+    def on_changes(self, changes: list[CallChange]) -> None:
+        for change in changes:
+            waiting = self._calls.get(change.call_id)
+            if waiting is None and change.old_call_id:
+                waiting = self._calls.get(change.old_call_id)
+            if waiting is None:
+                continue
+            if change.kind is ChangeKind.ANSWERED and waiting.agent_id is not None and not waiting.answered:
+                waiting.answered = True
+                with contextlib.suppress(RouterError):
+                    self.router.offer_done(waiting.call_id, waiting.agent_id, answered=True)
+                with contextlib.suppress(AgentStateError):
+                    self._agents.answer(waiting.agent_id, waiting.call_id)
+                log.info("acd.answered", call_id=waiting.call_id, agent_id=waiting.agent_id)
+            elif change.kind is ChangeKind.ENDED:
+                self._ended(waiting, change.call)
+
+    def _ended(self, waiting: Waiting, call: Call) -> None:
+        self._calls.pop(waiting.call_id, None)
+        if not waiting.answered:
+            # Abandoned while waiting or ringing: the router forgets it; a reserved agent is freed.
+            self.router.dequeue(waiting.call_id)
+            if waiting.agent_id is not None:
+                with contextlib.suppress(AgentStateError):
+                    self._agents.release(waiting.agent_id, waiting.call_id)
+            self._kick()
+            return
+        agent_id = waiting.agent_id
+        if agent_id is None:
+            return
+        rules = self.rules[waiting.queue]
+        with contextlib.suppress(AgentStateError):
+            self._agents.hangup(agent_id, waiting.call_id, call_data(call))
+        with contextlib.suppress(RouterError):
+            self.router.call_ended(agent_id, wrapup=True)
+        if rules.wrapup_s <= 0:
+            self._end_wrapup(agent_id, waiting.call_id, completed_by="timeout")
+            return
+        timer = asyncio.get_running_loop().call_later(rules.wrapup_s, self._end_wrapup, agent_id,
+                                                      waiting.call_id, "timeout")
+        self._wrapups[agent_id] = (waiting.call_id, timer)
+
+    def _end_wrapup(self, agent_id: str, call_id: str, completed_by: str) -> None:
+        entry = self._wrapups.pop(agent_id, None)
+        if entry is not None and entry[1] is not None:
+            entry[1].cancel()
+        with contextlib.suppress(AgentStateError):
+            self._agents.wrapup_done(agent_id, call_id, completed_by=completed_by)
+
+    # -- agents --------------------------------------------------------------------------
+
+    def on_agent_state(self, event: Event) -> None:
+        """Mirror an ``agent.state`` event into the router."""
+        agent_id = event.agent_id
+        if agent_id is None:
+            return
+        state = event.data.get("state")
+        known = agent_id in self._in_router
+        if state == "logged_out":
+            if known:
+                self.router.remove_agent(agent_id)
+                self._in_router.discard(agent_id)
+            entry = self._wrapups.pop(agent_id, None)
+            if entry is not None and entry[1] is not None:
+                entry[1].cancel()
+            self._kick()
+            return
+        if not known:
+            config = self._agents.get(agent_id).config
+            self.router.add_agent(agent_id, dict(config.skills), max_calls=config.max_calls)
+            self._in_router.add(agent_id)
+        if state == "ready":
+            self._wrapups.pop(agent_id, None)
+            self.router.set_agent_ready(agent_id, True)
+        elif state in ("paused", "busy", "wrap_up"):
+            self.router.set_agent_ready(agent_id, False)
+        self._kick()
+
+    # -- timers --------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            at = self.router.next_timer()
+            delay = None if at is None else max(0.0, at - self._now())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            now = self._now()
+            for expiry in self.router.fire_timers(now):
+                self._expired(expiry)
+            for offer in self.router.match():
+                self._spawn(self._offer(offer), f"offer-{offer.call_id}")
+
+    def _expired(self, expiry: Expiry) -> None:
+        waiting = self._calls.get(expiry.call_id)
+        if waiting is None:
+            return
+        rules = self.rules[expiry.queue_id]
+        target = rules.exit_target(expiry.wait_s, None)
+        if target is None:
+            target = rules.max_wait_action if expiry.reason == "max_wait" else None
+        if target is not None and target.kind == "queue" and target.queue in self.rules:
+            # Overflow to another queue keeps the original enqueue time.
+            self._calls.pop(expiry.call_id, None)
+            log.info("acd.overflow", call_id=expiry.call_id, from_queue=expiry.queue_id, to_queue=target.queue)
+            self._enqueue(expiry.call_id, target.queue, waiting.tenant, waiting.channel, waiting.priority,
+                          waiting.enqueued_at, reason="overflow")
+            return
+        route = _route_for(target.kind) if target is not None else "fallback"
+        self._calls.pop(expiry.call_id, None)
+        self._exits[expiry.call_id] = route
+        log.info("acd.leaves_queue", call_id=expiry.call_id, queue=expiry.queue_id, reason=expiry.reason,
+                 route=route)
+
+
+def _route_for(kind: TargetKind) -> str:
+    """The ``CTID_ROUTE`` for a target that is not a ctid queue. Callback in queue is not
+    built yet: such a call is served by the native fallback queue instead (logged)."""
+    return {"voicemail": "voicemail", "hangup": "release"}.get(kind, "fallback")
+
+
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+__all__ = ["Dispatcher", "Waiting", "format_ts"]
