@@ -894,7 +894,7 @@ def test_compose_asterisk_gets_the_shipped_configs_and_the_dialplan() -> None:
     by_target = {t: s for _, s, t in mounts(service)}
     assert by_target["/etc/asterisk/ctid.conf"] == "./dialplans/ctid.conf"
     for name in ("extensions.conf", "manager.conf", "pjsip.conf", "queues.conf",
-                 "musiconhold.conf"):
+                 "musiconhold.conf", "features.conf"):
         assert by_target[f"/etc/asterisk/{name}"] == f"./asterisk-conf/{name}"
     assert all(str(v).endswith(":ro") for v in service["volumes"]), "mount read only"
 
