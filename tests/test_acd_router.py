@@ -14,6 +14,7 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -859,7 +860,7 @@ class Harness:
             self.router.add_agent(agent_id, agent.skills, max_calls=agent.max_calls, ready=True)
         self.calls: dict[str, _MCall] = {}
         self.count = 0
-        self.log: list[tuple[object, ...]] = []
+        self.log: list[tuple[Any, ...]] = []
 
     # -- the model's view of eligibility
 
@@ -873,16 +874,16 @@ class Harness:
 
     # -- operations
 
-    def run(self, ops: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
+    def run(self, ops: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         for op in ops:
             self.step(op)
         return self.log
 
-    def step(self, op: tuple[object, ...]) -> None:
+    def step(self, op: tuple[Any, ...]) -> None:
         kind, *args = op
         router, ids = self.router, sorted(self.agents)
         if kind == "ready":
-            agent_id = ids[int(args[0]) % len(ids)]  # type: ignore[call-overload]
+            agent_id = ids[int(args[0]) % len(ids)]
             agent = self.agents[agent_id]
             if agent.logged_in:
                 router.set_agent_ready(agent_id, bool(args[1]))
@@ -890,11 +891,11 @@ class Harness:
         elif kind == "enqueue":
             self.count += 1
             call_id = f"c{self.count:03d}"
-            queue = self.queues[int(args[0]) % len(self.queues)]  # type: ignore[call-overload]
-            router.enqueue(call_id, queue, int(args[1]))  # type: ignore[call-overload]
-            self.calls[call_id] = _MCall(queue, int(args[1]), self.clock.now)  # type: ignore[call-overload]
+            queue = self.queues[int(args[0]) % len(self.queues)]
+            router.enqueue(call_id, queue, int(args[1]))
+            self.calls[call_id] = _MCall(queue, int(args[1]), self.clock.now)
         elif kind == "dequeue" and self.calls:
-            call_id = sorted(self.calls)[int(args[0]) % len(self.calls)]  # type: ignore[call-overload]
+            call_id = sorted(self.calls)[int(args[0]) % len(self.calls)]
             assert router.dequeue(call_id)
             call = self.calls.pop(call_id)
             if call.agent is not None:
@@ -902,7 +903,7 @@ class Harness:
         elif kind in ("answer", "rona"):
             offered = sorted((cid, c.agent) for cid, c in self.calls.items() if c.agent is not None)
             if offered:
-                call_id, agent_id = offered[int(args[0]) % len(offered)]  # type: ignore[call-overload]
+                call_id, agent_id = offered[int(args[0]) % len(offered)]
                 assert agent_id is not None
                 router.offer_done(call_id, agent_id, answered=kind == "answer")
                 agent = self.agents[agent_id]
@@ -916,14 +917,14 @@ class Harness:
                     call.agent, call.head = None, True
                     call.excluded[agent_id] = self.clock.now + self.EXCLUDE_S
         elif kind == "end":
-            agent_id = ids[int(args[0]) % len(ids)]  # type: ignore[call-overload]
+            agent_id = ids[int(args[0]) % len(ids)]
             agent = self.agents[agent_id]
             if agent.logged_in and agent.answered:
                 router.call_ended(agent_id, wrapup=bool(args[1]))
                 agent.answered -= 1
                 agent.ready = agent.ready and not args[1]
         elif kind == "logout":
-            agent_id = ids[int(args[0]) % len(ids)]  # type: ignore[call-overload]
+            agent_id = ids[int(args[0]) % len(ids)]
             agent = self.agents[agent_id]
             if agent.logged_in:
                 router.remove_agent(agent_id)
@@ -931,13 +932,13 @@ class Harness:
                     self.calls[call_id].agent, self.calls[call_id].head = None, True
                 self.agents[agent_id] = _MAgent(agent.skills, agent.max_calls, logged_in=False)
         elif kind == "login":
-            agent_id = ids[int(args[0]) % len(ids)]  # type: ignore[call-overload]
+            agent_id = ids[int(args[0]) % len(ids)]
             agent = self.agents[agent_id]
             if not agent.logged_in:
                 router.add_agent(agent_id, agent.skills, max_calls=agent.max_calls)
                 agent.logged_in = True
         elif kind == "advance":
-            target = self.clock.now + 0.5 * int(args[0])  # type: ignore[call-overload]
+            target = self.clock.now + 0.5 * int(args[0])
             while (at := router.next_timer()) is not None and at <= target:
                 self.clock.now = max(self.clock.now, at)
                 self.settle()
@@ -1021,7 +1022,7 @@ _PROP_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check
        policies=_POLICY_LISTS, ops=st.lists(_OPS, min_size=10, max_size=120))
 def test_property_no_agent_is_ever_offered_two_calls_at_once(agents: list[tuple[dict[str, int], int]],
                                                              policies: list[str],
-                                                             ops: list[tuple[object, ...]]) -> None:
+                                                             ops: list[tuple[Any, ...]]) -> None:
     harness = Harness(agents, _prop_queues(policies))
     harness.run(ops)  # apply_offers asserts each agent is free (and ready) when offered
     for agent in harness.agents.values():
@@ -1032,7 +1033,7 @@ def test_property_no_agent_is_ever_offered_two_calls_at_once(agents: list[tuple[
 @given(agents=st.lists(st.tuples(_skills, st.integers(1, 2)), min_size=1, max_size=6),
        policies=_POLICY_LISTS, ops=st.lists(_OPS, min_size=10, max_size=120))
 def test_property_offers_go_to_eligible_agents_the_best_call_first_and_nobody_idles(
-        agents: list[tuple[dict[str, int], int]], policies: list[str], ops: list[tuple[object, ...]]) -> None:
+        agents: list[tuple[dict[str, int], int]], policies: list[str], ops: list[tuple[Any, ...]]) -> None:
     # Eligibility, slots, fairness (no better eligible call left waiting) and the
     # invariant (no available agent next to an eligible waiting call) after every event.
     Harness(agents, _prop_queues(policies)).run(ops)
@@ -1050,11 +1051,11 @@ _FIFO_OPS = st.one_of(
 @given(agents=st.lists(st.tuples(_skills, st.integers(1, 2)), min_size=1, max_size=6),
        policies=_POLICY_LISTS, ops=st.lists(_FIFO_OPS, min_size=10, max_size=120))
 def test_property_equal_priority_calls_are_served_fifo_within_a_skill_set(
-        agents: list[tuple[dict[str, int], int]], policies: list[str], ops: list[tuple[object, ...]]) -> None:
+        agents: list[tuple[dict[str, int], int]], policies: list[str], ops: list[tuple[Any, ...]]) -> None:
     harness = Harness(agents, _prop_queues(policies, relax=False))
     log = harness.run(ops)
     queue_of = {f"c{n + 1:03d}": q for n, q in enumerate(
-        int(op[1]) % 3 for op in ops if op[0] == "enqueue")}  # type: ignore[call-overload]
+        int(op[1]) % 3 for op in ops if op[0] == "enqueue")}
     for queue in range(3):
         served = [entry[2] for entry in log if entry[0] == "offer" and queue_of[str(entry[2])] == queue]
         assert served == sorted(served), f"queue q{queue} served out of order: {served}"
@@ -1064,7 +1065,7 @@ def test_property_equal_priority_calls_are_served_fifo_within_a_skill_set(
 @given(agents=st.lists(st.tuples(_skills, st.integers(1, 2)), min_size=1, max_size=6),
        policies=_POLICY_LISTS, ops=st.lists(_OPS, min_size=10, max_size=120))
 def test_property_decisions_are_deterministic_given_the_same_events(
-        agents: list[tuple[dict[str, int], int]], policies: list[str], ops: list[tuple[object, ...]]) -> None:
+        agents: list[tuple[dict[str, int], int]], policies: list[str], ops: list[tuple[Any, ...]]) -> None:
     first = Harness(agents, _prop_queues(policies)).run(ops)
     second = Harness(agents, _prop_queues(policies)).run(ops)
     assert first == second

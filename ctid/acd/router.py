@@ -120,7 +120,11 @@ agent shared with other queues counts fully in ``N``; both make the estimate
 optimistic where queues share agents.
 
 The rules a queue gives the router are any object with the attributes of
-:class:`RoutingRules` (``ctid.acd.rules.QueueRules`` has them).
+:class:`RoutingRules` (``ctid.acd.rules.QueueRules`` has them): ``queue_id``,
+``policy``, ``weights``, ``sticky`` (``None`` or ``.wait_s``), ``overflow`` (``None`` or
+``.after_s`` and ``.ewt_s``), ``max_wait_s``, ``requirement_at(wait_s, ewt_s, depth)``
+and ``next_boundary(wait_s)``; nothing else. A requirement is an
+:class:`~ctid.acd.expr.Expression` (``matches``, ``score``, ``candidate_skills``, hashable).
 """
 
 from __future__ import annotations
