@@ -377,3 +377,22 @@ async def test_hostile_dnis_is_filtered_before_it_reaches_fastagi(tmp_path: Path
         assert chan.variables["__CTID_SERVICE_LINE"] == "acme-support"
         assert chan.variables["__CTID_CALL_ID"] != "evil"
         assert daemon.agi.session_count == 0
+
+
+async def test_healthz_says_503_with_the_reason_while_asterisk_is_unreachable(tmp_path: Path) -> None:
+    import aiohttp
+
+    config = make_config(services.free_port(), f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+    daemon = Daemon(config)
+    await daemon.start()
+    try:
+        link = daemon.links["sim"]
+        await until(lambda: link.client.last_error is not None)
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{daemon.api.port}/healthz") as r:
+            body = await r.json()
+        assert r.status == 503
+        assert any("AMI link sim" in reason for reason in body["reasons"]), body
+        assert body["ami"]["sim"]["last_error"] and "Connect" in body["ami"]["sim"]["last_error"]
+        assert body["agi"]["listening"] is True and body["db"]["ok"] is True
+    finally:
+        await daemon.stop()
