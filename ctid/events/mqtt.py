@@ -131,7 +131,7 @@ class MQTTPublisher:
     name = "mqtt"
 
     def __init__(self, config: MQTTConfig, *, instance_id: str, bus: EventBus,
-                 clock: Callable[[], datetime] = _utc_now, window: int = 64, max_backlog: int = 100_000,
+                 clock: Callable[[], datetime] = _utc_now, window: int = 256, max_backlog: int = 100_000,
                  reconnect_min: float = 0.2, reconnect_max: float = 30.0, stop_timeout: float = 2.0,
                  catchup_batch: int = 500, keepalive: int = 30) -> None:
         self._config = config
