@@ -43,6 +43,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
+from ctid.acd.control import CallControl
 from ctid.acd.dispatcher import Dispatcher
 from ctid.agents import AgentRegistry
 from ctid.api.server import ApiServer
@@ -146,10 +147,14 @@ class Daemon:
         first = next(iter(self.links.values()))
         self.acd = Dispatcher(config, client=first.client, model=first.model, agents=self.agents, bus=self.bus,
                               clock=self.clock)
+        # Call control (hold, transfer, click-to-dial, hangup) on the dispatcher's link.
+        self.control = CallControl(config, client=first.client, model=first.model, dispatcher=self.acd,
+                                   agents=self.agents, bus=self.bus, clock=self.clock,
+                                   on_changes=lambda changes: self._on_changes(first, changes))
         self.api = ApiServer(config, self.bus, self.agents, self._active_calls, self.health, self.metrics,
                              ended_calls=lambda n: self.store.list_calls(active=False, limit=n), clock=self.clock,
                              provisioning=self.provisioning, reload=self.reload,
-                             current_config=lambda: self.config)
+                             current_config=lambda: self.config, control=self.control)
 
     # -- lifetimes -------------------------------------------------------------------
 
@@ -232,6 +237,7 @@ class Daemon:
             await link.client.close()  # AMI logs off
         await self._cancel(*(f"ami-{lid}" for lid in self.links))
         await self.acd.stop()
+        await self.control.stop()
         self.notifier.close()  # held call events go out now, under the id they have
         self.stats.close()
         await self.enricher.close()
@@ -409,8 +415,12 @@ class Daemon:
         return resync
 
     def _on_changes(self, link: Link, changes: list[CallChange]) -> None:
+        if link.model is self.control.model:
+            self.control.before_changes(changes)  # click-to-dial: the agent's tenant
         self.notifier.on_changes(changes)
         self.acd.on_changes(changes)
+        if link.model is self.control.model:  # hold survivors, resumes, transferred agents
+            self.control.on_changes(changes)
         for change in changes:
             call = change.call
             if change.old_call_id and change.old_call_id != change.call_id:

@@ -57,7 +57,14 @@ from pydantic import (
 )
 
 from ctid.acd.expr import ExpressionError, is_skill_name, parse_expression
-from ctid.asterisk.safety import UnsafeValueError, check_ami_value, check_id
+from ctid.asterisk.safety import (
+    DialPolicy,
+    UnsafeValueError,
+    check_ami_value,
+    check_context,
+    check_extension,
+    check_id,
+)
 
 _DNIS_RE = re.compile(r"^(\+?[0-9*#]{1,32}|s)$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
@@ -517,6 +524,37 @@ class SimulatorConfig(_Section):
     waits, hold music) ten times faster than real time."""
 
 
+class DialingConfig(_Section):
+    """``[dialing]``: numbers ctid dials itself (click-to-dial, transfer to a number).
+
+    ``allowed_prefixes`` are E.164 prefixes (``"+1"``, ``"+4420"``); empty allows
+    nothing (toll-fraud guard, ``ctid.asterisk.safety.DialPolicy``).
+    ``denied_prefixes`` win over the allow-list. ``default_country_code`` lets
+    agents type national numbers. ``trunk`` is the PJSIP endpoint outbound calls
+    leave by (the dialplan's ``CTID_TRUNK``). ``transfer_context`` is the dialplan
+    context of extensions a call may be transferred to; ``keep_enqueue_time``:
+    a transfer to a ctid queue keeps the call's original enqueue time.
+    """
+
+    allowed_prefixes: list[str] = Field(default_factory=list)
+    denied_prefixes: list[str] = Field(default_factory=list)
+    default_country_code: str | None = None
+    trunk: str = "trunk"
+    transfer_context: str = "from-agents"
+    keep_enqueue_time: bool = True
+
+    @model_validator(mode="after")
+    def _policy(self) -> DialingConfig:
+        DialPolicy(self.allowed_prefixes, denied_prefixes=self.denied_prefixes,
+                   default_country_code=self.default_country_code)
+        try:
+            check_extension(self.trunk, "trunk")
+            check_context(self.transfer_context, "transfer_context")
+        except UnsafeValueError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 class Config(_Section):
     instance: InstanceConfig = InstanceConfig()
     log: LogConfig = LogConfig()
@@ -535,6 +573,7 @@ class Config(_Section):
     """Reason codes an agent may pause with (``rona`` is always added: ctid sets it)."""
     queues: list[QueueConfig] = Field(default_factory=list)
     simulator: SimulatorConfig = SimulatorConfig()
+    dialing: DialingConfig = DialingConfig()
 
     @model_validator(mode="after")
     def _references(self) -> Config:

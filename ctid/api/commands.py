@@ -21,10 +21,11 @@ from typing import Any, Final
 
 import structlog
 
+from ctid.acd.control import Actor, CallControl, ControlError
 from ctid.agents import Agent, AgentCommandError, AgentRegistry, AgentStateError, UnknownAgentError
 from ctid.api.auth import Principal, Role
 
-__all__ = ["COMMANDS", "AgentCommands", "ApiError"]
+__all__ = ["CALL_OPS", "COMMANDS", "AgentCommands", "ApiError", "CallCommands"]
 
 log = structlog.get_logger(__name__)
 
@@ -135,4 +136,59 @@ class AgentCommands:
         except AgentCommandError as exc:
             raise ApiError.bad_request(str(exc), field=exc.field) from None
         log.info("agent.command", command=command, agent_id=agent.id, by=principal.name, state=result.state.value)
+        return result
+
+
+# --------------------------------------------------------------------------- call control
+
+#: Call-control ops (``ctid.acd.control``) and their JSON fields (all strings). ``dial``
+#: targets an agent (``agent_id``); the others a call (``call_id``).
+CALL_OPS: Final[dict[str, _Spec]] = {
+    "hold": _Spec(),
+    "resume": _Spec(),
+    "transfer": _Spec(required=("target",)),
+    "atxfer": _Spec(required=("exten",)),
+    "hangup": _Spec(),
+    "dial": _Spec(required=("number",)),
+}
+
+
+def _call_fields(op: str, params: Mapping[str, Any]) -> dict[str, str]:
+    spec = CALL_OPS[op]
+    unknown = sorted(set(params) - set(spec.required) - set(spec.optional))
+    if unknown:
+        raise ApiError.bad_request(f"{op}: unknown field {unknown[0]!r}", field=unknown[0])
+    out: dict[str, str] = {}
+    for name in spec.required:
+        value = params.get(name)
+        if not isinstance(value, str) or not value:
+            raise ApiError.bad_request(f"{op}: {name!r} is required (a string)", field=name)
+        out[name] = value
+    return out
+
+
+class CallCommands:
+    """Runs call-control ops for an authenticated caller; errors become :class:`ApiError`."""
+
+    def __init__(self, control: CallControl) -> None:
+        self._control = control
+
+    async def run(self, principal: Principal, op: str, target: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        if op not in CALL_OPS:
+            raise ApiError(400, "unknown_op", f"unknown op {op!r}")
+        actor = Actor(principal.role.value, principal.tenant, principal.agent_id, principal.name)
+        fields = _call_fields(op, params)
+        control = self._control
+        try:
+            if op == "dial":
+                result: dict[str, Any] = await control.dial(target, fields["number"], actor)
+            elif op == "transfer":
+                result = await control.blind_transfer(target, fields["target"], actor)
+            elif op == "atxfer":
+                result = await control.attended_transfer(target, fields["exten"], actor)
+            else:
+                result = await getattr(control, op)(target, actor)
+        except ControlError as exc:
+            raise ApiError(exc.status, exc.code, exc.message, **exc.extra) from None
+        log.info("call.command", op=op, target=target, by=principal.name)
         return result

@@ -52,10 +52,12 @@ _SCHEMAS: Final[JSON] = {
                 "code": {"type": "string", "enum": [
                     "bad_json", "bad_request", "unauthorized", "forbidden", "not_found", "method_not_allowed",
                     "wrong_state", "conflict", "too_large", "rate_limited", "unavailable", "internal",
-                    "http_error"]},
+                    "http_error", "unknown_op", "number_not_allowed", "gone", "asterisk_error"]},
                 "message": {"type": "string"},
-                "state": {"type": "string", "enum": [s.value for s in AgentState],
-                          "description": "With wrong_state (409): the agent's current state."},
+                "state": {"type": "string",
+                          "enum": sorted({s.value for s in AgentState} | {s.value for s in CallState}),
+                          "description": "With wrong_state (409): the agent's current state, or for call "
+                                         "control the call's; with gone: ended."},
                 "field": {"type": "string", "description": "The request field that was refused."},
                 "retry_after": {"type": "integer", "description": "With rate_limited (429): seconds to wait."},
                 "problems": {"type": "array", "items": {"type": "string"},
@@ -386,6 +388,72 @@ def _commands() -> JSON:
             for name, (summary, body) in bodies.items()}
 
 
+_CALL_PARAM: Final = {"name": "call_id", "in": "path", "required": True, "schema": {"type": "string"},
+                      "description": "The call's CTID_CALL_ID"}
+_CALL_RESULT: Final = {"type": "object", "required": ["call_id", "state"], "properties": {
+    "call_id": {"type": "string"}, "state": {"type": "string", "enum": [s.value for s in CallState]},
+    "agent_id": _nullable("string")}}
+
+
+def _call_op(op: str, summary: str, description: str, body: JSON | None, *, dial: bool = False) -> JSON:
+    responses: JSON = {
+        "200": _json({"type": "object", "required": ["call_id", "agent_id", "number", "direction"],
+                      "properties": {"call_id": {"type": "string"}, "agent_id": {"type": "string"},
+                                     "number": {"type": "string", "description": "E.164, as dialled"},
+                                     "direction": {"const": "outbound"}}} if dial else _CALL_RESULT,
+                     "The call (its new call_id for dial)."),
+        "400": _error("Malformed JSON, unknown or invalid field."),
+        "401": _error("Missing, invalid or expired token."),
+        "403": _error("Not your call (agents act on their own calls; others on their tenant's), or the "
+                      "number is outside the dialing allow-list (code number_not_allowed; logged)."),
+        "404": _error("Unknown agent." if dial else "Unknown call (or queue for queue:<id>)."),
+        "409": _error("Wrong state: error.state is the agent's (dial) or the call's current state. Code "
+                      "gone: a channel of the call was already gone; the call was ended and the agent "
+                      "released."),
+        "413": _error("Body larger than max_message_bytes."),
+        "502": _error("Asterisk refused the action (code asterisk_error)."),
+        "503": _error("Call control is not wired."),
+    }
+    op_obj: JSON = {"operationId": f"call_{op}", "summary": summary, "description": description,
+                    "tags": ["calls"], "security": [{"bearer": []}],
+                    "parameters": [{"name": "agent_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+                    if dial else [_CALL_PARAM], "responses": responses}
+    if body is not None:
+        op_obj["requestBody"] = {"required": True, "content": {_JSON_MEDIA: {"schema": body}}}
+    return {"post": op_obj}
+
+
+def _call_ops() -> JSON:
+    def one(name: str, description: str) -> JSON:
+        return {"type": "object", "required": [name], "additionalProperties": False,
+                "properties": {name: {"type": "string", "description": description}}}
+
+    base = "/api/v1/calls/{call_id}"
+    return {
+        f"{base}/hold": _call_op("hold", "Hold the call (connected)",
+                                 "Dual Redirect: the caller hears music, the agent leg waits. Publishes call.held.",
+                                 None),
+        f"{base}/resume": _call_op("resume", "Resume a held call",
+                                   "AMI Bridge of both legs. Publishes call.resumed once they are bridged.", None),
+        f"{base}/transfer": _call_op("transfer", "Blind transfer",
+                                     "To an extension of dialing.transfer_context, an external number (checked "
+                                     "against the dialing allow-list), or queue:<id> (back into ctid routing, "
+                                     "keeping the original enqueue time when dialing.keep_enqueue_time). "
+                                     "Publishes call.transferred; the call keeps its call_id.",
+                                     one("target", "1002, +15551234567 or queue:<id>")),
+        f"{base}/atxfer": _call_op("atxfer", "Attended transfer",
+                                   "AMI Atxfer on the agent leg; the agent completes it by hanging up. "
+                                   "Publishes call.transferred (kind attended).",
+                                   one("exten", "An extension of dialing.transfer_context")),
+        f"{base}/hangup": _call_op("hangup", "Hang the call up", "AMI Hangup of every live leg.", None),
+        "/api/v1/agents/{agent_id}/dial": _call_op(
+            "dial", "Click-to-dial",
+            "Originates the agent's device into ctid-outbound, which then dials the number on the trunk. The "
+            "call has the same lifecycle as inbound calls with direction outbound.",
+            one("number", "E.164 or national (with dialing.default_country_code)"), dial=True),
+    }
+
+
 def document() -> JSON:
     """The OpenAPI 3.1 document (a fresh dict)."""
     paths: JSON = {
@@ -410,6 +478,7 @@ def document() -> JSON:
             },
         }},
         **_commands(),
+        **_call_ops(),
         "/api/v1/agents": _list("list_agents", "Agents and their state", "agents", "Agent", [_TENANT_Q],
                                 "Agents see only themselves."),
         "/api/v1/calls": _list("list_calls", "Calls", "calls", "Call", [

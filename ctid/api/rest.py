@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ctid.agents import AgentRegistry
 from ctid.api.auth import Authenticator, AuthError, Principal, RateLimited, Role, SignInRejected
-from ctid.api.commands import COMMANDS, AgentCommands, ApiError
+from ctid.api.commands import CALL_OPS, COMMANDS, AgentCommands, ApiError, CallCommands
 from ctid.asterisk.safety import UnsafeValueError, check_id, e164_or_none
 from ctid.calls import CallState
 from ctid.config import Config
@@ -126,6 +126,8 @@ class ApiContext:
     provisioning: ProvisioningStore | None = None
     reload: Reload | None = None
     current_config: ConfigView | None = None
+    #: Call control (``ctid.acd.control``): hold, transfers, hangup, click-to-dial (None: 503).
+    calls: CallCommands | None = None
 
 
 API_CONTEXT: Final = web.AppKey("ctid.api", ApiContext)
@@ -302,6 +304,22 @@ def _command_handler(command: str) -> Callable[[web.Request], Awaitable[web.Stre
     return handle
 
 
+def _call_op_handler(op: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """``POST /api/v1/calls/{call_id}/<op>`` and ``POST /api/v1/agents/{agent_id}/dial``."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        ctx = _ctx(request)
+        principal = _principal(request)
+        if ctx.calls is None:
+            raise ApiError(503, "unavailable", "call control is not available")
+        target = request.match_info["agent_id" if op == "dial" else "call_id"]
+        body = await _json_body(request, allow_empty=not CALL_OPS[op].required)
+        return web.json_response(await ctx.calls.run(principal, op, target, body))
+
+    handle.__name__ = f"call_{op}"
+    return handle
+
+
 async def list_agents(request: web.Request) -> web.StreamResponse:
     ctx = _ctx(request)
     principal = _principal(request)
@@ -424,6 +442,9 @@ def setup_routes(app: web.Application, ws_handler: Callable[[web.Request], Await
     app.router.add_post("/api/v1/auth/login", sign_in)
     for command in COMMANDS:
         app.router.add_post(f"/api/v1/agents/{{agent_id}}/{command}", _command_handler(command))
+    for op in CALL_OPS:
+        path = "/api/v1/agents/{agent_id}/dial" if op == "dial" else f"/api/v1/calls/{{call_id}}/{op}"
+        app.router.add_post(path, _call_op_handler(op))
     app.router.add_get("/api/v1/agents", list_agents, allow_head=False)
     app.router.add_get("/api/v1/calls", list_calls, allow_head=False)
     app.router.add_get("/api/v1/queues", list_queues, allow_head=False)

@@ -18,10 +18,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ctid.acd.control import CallControl
 from ctid.agents import AgentRegistry
 from ctid.api.admin import setup_admin_routes
 from ctid.api.auth import Authenticator
-from ctid.api.commands import AgentCommands
+from ctid.api.commands import AgentCommands, CallCommands
 from ctid.api.openapi import document
 from ctid.api.rest import (
     API_CONTEXT,
@@ -93,7 +94,9 @@ class ApiServer:
     * ``known_endpoints()``: the devices a login may use (None: pattern check only);
     * ``env``: where ``CTID_TOKEN_<NAME>`` is read (default ``os.environ``);
     * ``provisioning``, ``reload``, ``current_config``: for the admin API
-      (``ctid.api.admin``); without a store or a hook its routes answer 503.
+      (``ctid.api.admin``); without a store or a hook its routes answer 503;
+    * ``control``: call control (``ctid.acd.control``) behind ``/api/v1/calls/{id}/*``,
+      ``/api/v1/agents/{id}/dial`` and the websocket ops of the same names (None: 503).
     """
 
     def __init__(self, config: Config, bus: ReplayBus, agents: AgentRegistry, calls_view: CallsView,
@@ -103,19 +106,21 @@ class ApiServer:
                  env: Mapping[str, str] | None = None, clock: Clock = _utc_now,
                  auth_timeout: float = 5.0, close_timeout: float = 5.0, shutdown_timeout: float = 5.0,
                  provisioning: ProvisioningStore | None = None, reload: Reload | None = None,
-                 current_config: ConfigView | None = None) -> None:
+                 current_config: ConfigView | None = None, control: CallControl | None = None) -> None:
         self.config = config
         self.bus = bus
         self.auth = Authenticator(config.tokens, config.agents, config.api, env=env, clock=clock)
         self.hub = EventHub()
         commands = AgentCommands(agents, known_endpoints)
+        calls = CallCommands(control) if control is not None else None
         ctx = ApiContext(config=config, auth=self.auth, registry=agents, commands=commands, bus=bus,
                          calls_view=calls_view, ended_calls=ended_calls, health=health, metrics=metrics_registry,
                          clock=clock, openapi=json.dumps(document()).encode(), provisioning=provisioning,
-                         reload=reload, current_config=current_config)
+                         reload=reload, current_config=current_config, calls=calls)
         self.websocket = WebsocketEndpoint(auth=self.auth, bus=bus, hub=self.hub, registry=agents,
                                            commands=commands, api=config.api, queues=list(config.queues),
-                                           clock=clock, auth_timeout=auth_timeout, close_timeout=close_timeout)
+                                           clock=clock, auth_timeout=auth_timeout, close_timeout=close_timeout,
+                                           calls=calls)
         self.app = build_app(ctx, self.websocket)
         self._metrics = metrics_registry
         self._collector = _ApiCollector(self.hub, self.auth)

@@ -49,7 +49,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from ctid.agents import AgentRegistry
 from ctid.api.auth import Authenticator, AuthError, Principal, Role
-from ctid.api.commands import COMMANDS, AgentCommands, ApiError
+from ctid.api.commands import CALL_OPS, COMMANDS, AgentCommands, ApiError, CallCommands
 from ctid.asterisk.safety import UnsafeValueError, check_id
 from ctid.config import APIConfig, QueueConfig
 from ctid.events.schema import EVENT_TYPES, Event, format_ts
@@ -257,8 +257,9 @@ class WebsocketEndpoint:
 
     def __init__(self, *, auth: Authenticator, bus: ReplayBus, hub: EventHub, registry: AgentRegistry,
                  commands: AgentCommands, api: APIConfig, queues: list[QueueConfig], clock: Clock,
-                 auth_timeout: float = 5.0, close_timeout: float = 5.0) -> None:
+                 auth_timeout: float = 5.0, close_timeout: float = 5.0, calls: CallCommands | None = None) -> None:
         self._auth = auth
+        self._calls = calls
         self._bus = bus
         self._hub = hub
         self._registry = registry
@@ -401,10 +402,12 @@ class WebsocketEndpoint:
                 raise ApiError(401, "unauthorized", "session expired")
             if op == "subscribe":
                 await self._op_subscribe(conn, req_id, obj, principal)
-            elif op == "resume":
+            elif op == "resume" and "call_id" not in obj:  # with call_id: resume a held call
                 await self._op_resume(conn, req_id, obj, principal)
             elif op in COMMANDS:
                 await self._op_command(conn, req_id, op, obj, principal)
+            elif op in CALL_OPS:
+                await self._op_call(conn, req_id, op, obj, principal)
             else:
                 raise ApiError(400, "unknown_op", f"unknown op {op!r} (one of {', '.join(_OPS)})")
         except ApiError as exc:
@@ -518,7 +521,22 @@ class WebsocketEndpoint:
         await self._ack(conn, req_id, op, agent=agent.snapshot())
 
 
-_OPS: Final = ("auth", "subscribe", "resume", *COMMANDS)
+    async def _op_call(self, conn: Connection, req_id: object, op: str, obj: Mapping[str, Any],
+                       principal: Principal) -> None:
+        """Call control: ``{"op": "hold", "call_id": ...}``; ``dial`` takes ``agent_id``
+        (default: the agent itself) and ``number``."""
+        if self._calls is None:
+            raise ApiError(503, "unavailable", "call control is not available")
+        key = "agent_id" if op == "dial" else "call_id"
+        target = obj.get(key, principal.agent_id if op == "dial" else None)
+        if not isinstance(target, str) or not target:
+            raise ApiError.bad_request(f"{op}: {key!r} is required (a string)", field=key)
+        params = {k: v for k, v in obj.items() if k not in ("op", "req_id", key)}
+        result = await self._calls.run(principal, op, target, params)
+        await self._ack(conn, req_id, op, **result)
+
+
+_OPS: Final = tuple(dict.fromkeys(("auth", "subscribe", "resume", *COMMANDS, *CALL_OPS)))
 
 
 def _whoami(principal: Principal) -> dict[str, Any]:
