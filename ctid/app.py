@@ -147,6 +147,7 @@ class Daemon:
         first = next(iter(self.links.values()))
         self.acd = Dispatcher(config, client=first.client, model=first.model, agents=self.agents, bus=self.bus,
                               clock=self.clock)
+        self.acd.wire(notifier=self.notifier, stats=self.queue_stats, sessions=self.db.sessions)
         # Call control (hold, transfer, click-to-dial, hangup) on the dispatcher's link.
         self.control = CallControl(config, client=first.client, model=first.model, dispatcher=self.acd,
                                    agents=self.agents, bus=self.bus, clock=self.clock,
@@ -154,7 +155,8 @@ class Daemon:
         self.api = ApiServer(config, self.bus, self.agents, self._active_calls, self.health, self.metrics,
                              ended_calls=lambda n: self.store.list_calls(active=False, limit=n), clock=self.clock,
                              provisioning=self.provisioning, reload=self.reload,
-                             current_config=lambda: self.config, control=self.control)
+                             current_config=lambda: self.config, control=self.control,
+                             known_endpoints=self.acd.known_endpoints)
 
     # -- lifetimes -------------------------------------------------------------------
 
@@ -393,7 +395,7 @@ class Daemon:
             changes = model.feed(event)
             if changes:
                 self._on_changes(link, changes)
-            if event.name == "UserEvent":
+            if event.name in ("UserEvent", "DeviceStateChange"):
                 self.acd.on_ami_event(event)
 
         return consume
@@ -411,6 +413,8 @@ class Daemon:
             log.info("ami.resynced", link=link.config.id, channels=len(listing.events),
                      active_calls=len(link.model.calls), changes=len(changes))
             self._on_changes(link, changes)
+            if link.model is self.control.model:  # the link the ACD runs on
+                await self.acd.on_login(client)  # DeviceStateList: the devices agents may log in to
 
         return resync
 

@@ -31,9 +31,37 @@ router from the ``agent.state`` events (:meth:`on_agent_state`): ``ready`` makes
 agent available, any other state except ``reserved``/``on_call`` (which the router
 tracks itself) makes it unavailable, ``logged_out`` removes it.
 
-Not built yet (later work of the ACD issue): sticky agents from call history, callback in
-queue, call control (hold, transfer, click-to-dial, hangup over the API), syncing the
-native fallback queue's members, announcements of position and EWT at the check-in.
+5. **Statistics.** The dispatcher is the ``QueueFigures`` of ``ctid.events.queues``
+   (waiting calls, longest current wait, EWT for a new call, base requirement) and feeds
+   it the service-level records: an answer with its queue wait, an abandon with its queue
+   wait and the queue's ``short_abandon_s``. The queue wait runs from the original
+   enqueue time (annotated as ``call.data["enqueued_at"]``, epoch seconds, next to
+   ``call.data["queue"]``; the notifier computes ``call.abandoned``'s ``wait_s`` and
+   ``short`` from the same two values). The AHT of a queue (talk + wrap-up of each
+   handled call, a running mean over the last :data:`AHT_WINDOW` calls) goes to
+   ``router.set_aht`` at the end of each wrap-up. Each queue event refreshes the queue's
+   snapshot (the snapshotter rate-limits).
+6. **Sticky agents.** A queue with ``sticky`` asks ``ctid.acd.history`` for the agent who
+   last handled the caller in that queue within ``sticky.days`` while the call is being
+   queued (at most 50 ms for the database, else no sticky agent); the answered call's
+   agent is annotated as ``call.data["agent_id"]`` (the call record keeps it) and
+   remembered in the history's cache when the call ends.
+7. **Devices.** ``DeviceStateChange`` of a logged-in agent's device (:meth:`on_ami_event`):
+   ``INUSE``/``BUSY``/``RINGINUSE``/``ONHOLD`` make the agent ``busy`` and ``NOT_INUSE``
+   idle again, through ``registry.set_busy``, which ignores agents ctid reserved or put on
+   a call (so ctid's own calls change nothing). After each AMI login :meth:`on_login`
+   reads ``DeviceStateList``: :meth:`known_endpoints` is that set of devices (plus
+   devices seen since), for the API's login check, and logged-in agents are re-synced.
+
+Wiring (``ctid.app``): :meth:`wire` attaches the call notifier (short-abandon threshold
+lookup), the ``queue.stats`` feed and the database sessions (sticky history); the AMI
+consumer must hand ``DeviceStateChange`` to :meth:`on_ami_event`, the login hook must
+await :meth:`on_login`, and the API's login takes :meth:`known_endpoints`.
+
+Not built yet (later work of the ACD issue): callback in queue, call control (hold,
+transfer, click-to-dial, hangup over the API), syncing the native fallback queue's
+members, announcements of position and EWT at the check-in; the day's service-level
+counters are not rebuilt from the call records after a restart.
 """
 
 from __future__ import annotations
@@ -43,10 +71,13 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from ctid.acd.expr import Expression
+from ctid.acd.history import StickyHistory, store_query
 from ctid.acd.router import Expiry, Offer, Router, RouterError
 from ctid.acd.rules import QueueRules, TargetKind
 from ctid.agents import AgentRegistry
@@ -55,15 +86,37 @@ from ctid.asterisk.agi import AGIError, AGISession
 from ctid.asterisk.ami import AMIClient, AMIError
 from ctid.asterisk.ami_protocol import Message
 from ctid.asterisk.safety import UnsafeValueError, check_device, e164_or_none
-from ctid.calls import Call, CallChange, CallModel, CallState, CallStateError, ChangeKind, Role
+from ctid.calls import Call, CallChange, CallModel, CallState, CallStateError, ChangeKind, HangupBy, Role
 from ctid.config import Config
 from ctid.events.bus import EventBus
-from ctid.events.calls import call_data
+from ctid.events.calls import CallNotifier, call_data, queue_wait_s
+from ctid.events.queues import QueueStatsFeed
 from ctid.events.schema import Event, format_ts
 
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], datetime]
+
+AHT_WINDOW: Final = 200
+"""The AHT is the mean of the handled calls so far, then a running mean over about this many."""
+DEVICE_BUSY: Final = frozenset({"INUSE", "BUSY", "RINGINUSE", "ONHOLD"})
+DEVICE_IDLE: Final = frozenset({"NOT_INUSE"})
+
+
+class RunningMean:
+    """The mean of the first ``window`` samples, then an exponential mean of weight ``1/window``."""
+
+    __slots__ = ("count", "mean", "window")
+
+    def __init__(self, window: int = AHT_WINDOW) -> None:
+        self.window = window
+        self.count = 0
+        self.mean = 0.0
+
+    def add(self, sample: float) -> float:
+        self.count += 1
+        self.mean += (sample - self.mean) / min(self.count, self.window)
+        return self.mean
 
 
 @dataclass(slots=True)
@@ -102,6 +155,13 @@ class Dispatcher:
         self._timer_task: asyncio.Task[None] | None = None
         self.offers = 0
         self.ronas = 0
+        self._feed: QueueStatsFeed | None = None
+        self.history = StickyHistory(None, self._now)
+        self._aht: dict[str, RunningMean] = {}
+        self._handled: dict[str, tuple[str, float, float]] = {}  # agent -> (queue, talk_s, ended at)
+        self._endpoints: set[str] | None = None  # devices from DeviceStateList (+ seen since)
+        self._device_states: dict[str, str] = {}
+        self.abandons = 0
 
     def _now(self) -> float:
         return self._clock().timestamp()
@@ -111,7 +171,21 @@ class Dispatcher:
     async def start(self) -> None:
         self._timer_task = asyncio.create_task(self._timer_loop(), name="acd-timers")
 
+    def wire(self, *, notifier: CallNotifier | None = None, stats: QueueStatsFeed | None = None,
+             sessions: async_sessionmaker[AsyncSession] | None = None) -> None:
+        """Attach the parts the app owns: the notifier gets the short-abandon thresholds,
+        the ``queue.stats`` feed reads this dispatcher's figures, and the sticky history
+        queries the call records through ``sessions``."""
+        if notifier is not None:
+            notifier.set_short_abandon(self.short_abandon_s)
+        if stats is not None:
+            self._feed = stats
+            stats.attach(self)
+        if sessions is not None:
+            self.history = StickyHistory(store_query(sessions), self._now, bound_s=self.history.bound_s)
+
     async def stop(self) -> None:
+        await self.history.close()
         if self._timer_task is not None:
             self._timer_task.cancel()
             await asyncio.gather(self._timer_task, return_exceptions=True)
@@ -142,28 +216,59 @@ class Dispatcher:
                      action=str(target.kind))
             return _route_for(target.kind)
         caller = session.env.get("agi_callerid")
-        priority = rules.priority_for(e164_or_none(caller or ""))
+        e164 = e164_or_none(caller or "")
+        priority = rules.priority_for(e164)
         enqueued = self._now()
         channel = session.channel or ""
         checkin = str(max(1, min(10, round(rules.checkin_s))))  # the dialplan reads whole seconds, 1..10
-        for name, value in (("__CTID_QUEUE", queue_id), ("__CTID_PRIO", str(priority)),
-                            ("__CTID_ENQUEUED", f"{enqueued:.3f}"), ("CTID_CHECKIN", checkin)):
-            await session.set_variable(name, value)
-        self._enqueue(call_id, queue_id, tenant, channel, priority, enqueued, reason="entered")
+        # The sticky lookup (bounded) runs while the channel variables are set.
+        sticky = self._sticky_lookup(rules, tenant, caller, e164)
+        try:
+            for name, value in (("__CTID_QUEUE", queue_id), ("__CTID_PRIO", str(priority)),
+                                ("__CTID_ENQUEUED", f"{enqueued:.3f}"), ("CTID_CHECKIN", checkin)):
+                await session.set_variable(name, value)
+        except BaseException:
+            if sticky is not None:
+                sticky.cancel()
+            raise
+        sticky_agent = await sticky if sticky is not None else None
+        if sticky_agent is not None:
+            # Only an agent of this tenant who can take the call is worth waiting for.
+            agent = self._agents.get(sticky_agent) if sticky_agent in self._agents else None
+            if agent is None or agent.tenant != tenant or not rules.requires.matches(dict(agent.config.skills)):
+                sticky_agent = None
+        self._enqueue(call_id, queue_id, tenant, channel, priority, enqueued, reason="entered",
+                      sticky_agent=sticky_agent)
         return "hold"
 
+    def _sticky_lookup(self, rules: QueueRules, tenant: str, caller: str | None,
+                       e164: str | None) -> asyncio.Task[str | None] | None:
+        if rules.sticky is None:
+            return None
+        key = StickyHistory.caller_key(e164, caller)
+        if key is None:
+            return None
+        numbers = tuple(dict.fromkeys(n for n in (e164, caller) if n))
+        return asyncio.create_task(self.history.lookup(tenant, rules.queue_id, key, numbers, rules.sticky.window_s),
+                                   name=f"sticky-{rules.queue_id}")
+
     def _enqueue(self, call_id: str, queue_id: str, tenant: str, channel: str, priority: int, enqueued: float,
-                 *, reason: str, head: bool = False) -> None:
+                 *, reason: str, head: bool = False, sticky_agent: str | None = None) -> None:
         waiting = Waiting(call_id, queue_id, tenant, channel, priority, enqueued)
         self._calls[call_id] = waiting
-        self.router.enqueue(call_id, self.rules[queue_id], priority, enqueued_at=enqueued, head=head)
+        self.router.enqueue(call_id, self.rules[queue_id], priority, enqueued_at=enqueued, head=head,
+                            sticky_agent=sticky_agent)
+        if sticky_agent is not None:
+            log.info("acd.sticky", call_id=call_id, queue=queue_id, agent_id=sticky_agent)
         call = self._model.get(call_id)
         if call is not None:
             with contextlib.suppress(CallStateError):
                 self._model.mark(call_id, CallState.QUEUED)
-            self._model.annotate(call_id, data={"queue": queue_id, "priority": priority})
+            self._model.annotate(call_id, data={"queue": queue_id, "priority": priority,
+                                                "enqueued_at": round(enqueued, 3)})
         self._publish_queued(waiting, reason)
         self._kick()
+        self._refresh(queue_id)
 
     def _publish_queued(self, waiting: Waiting, reason: str) -> None:
         call = self._model.get(waiting.call_id)
@@ -190,6 +295,7 @@ class Dispatcher:
                 if self.router.is_waiting(call_id):
                     self.router.refresh(call_id)
                     self._kick()
+                    self._refresh(waiting.queue)  # the longest wait moves on
         with contextlib.suppress(AGIError, UnsafeValueError):
             await session.set_variable("CTID_ROUTE", route)
 
@@ -262,6 +368,7 @@ class Dispatcher:
         with contextlib.suppress(CallStateError):
             self._model.mark(offer.call_id, CallState.OFFERED)
         self.offers += 1
+        self._refresh(offer.queue_id)
         line = next((s for s in self._config.service_lines if s.id == call.service_line), None)
         caller_leg = call.leg(Role.CALLER)
         pop = dict(base)
@@ -281,7 +388,7 @@ class Dispatcher:
         try:
             channel = waiting.channel
             for name, value in (("CTID_TARGET", device), ("CTID_RING_TIMEOUT", f"{rules.ring_timeout_s:g}"),
-                                ("CTID_DIAL_OPTS", "")):
+                                ("CTID_DIAL_OPTS", "t")):
                 await self._client.action("Setvar", {"Channel": channel, "Variable": name, "Value": value})
             await self._client.action("Redirect", {"Channel": channel, "Context": "ctid-connect", "Exten": "s",
                                                    "Priority": "1"})
@@ -306,6 +413,9 @@ class Dispatcher:
     # -- outcomes from AMI ---------------------------------------------------------------
 
     def on_ami_event(self, event: Message) -> None:
+        if event.name == "DeviceStateChange":
+            self._device_state(event.get("Device") or "", event.get("State") or "")
+            return
         if event.name != "UserEvent" or not event.may_contain("CtidConnect"):
             return
         if event.get("UserEvent") != "CtidConnect":
@@ -327,6 +437,7 @@ class Dispatcher:
             self._model.mark(call_id, CallState.QUEUED)
         self._publish_queued(waiting, "rona")
         self._kick()
+        self._refresh(waiting.queue)
 
     def on_changes(self, changes: list[CallChange]) -> None:
         for change in changes:
@@ -341,24 +452,47 @@ class Dispatcher:
                     self.router.offer_done(waiting.call_id, waiting.agent_id, answered=True)
                 with contextlib.suppress(AgentStateError):
                     self._agents.answer(waiting.agent_id, waiting.call_id)
+                if change.call.active:
+                    with contextlib.suppress(LookupError):
+                        self._model.annotate(change.call.call_id, data={"agent_id": waiting.agent_id})
+                wait = queue_wait_s(change.call)
+                if wait is None:
+                    wait = max(0.0, self._now() - waiting.enqueued_at)
+                if self._feed is not None:
+                    self._feed.record_answered(waiting.queue, waiting.tenant, self._clock(), wait)
                 log.info("acd.answered", call_id=waiting.call_id, agent_id=waiting.agent_id)
+                self._refresh(waiting.queue)
             elif change.kind is ChangeKind.ENDED:
                 self._ended(waiting, change.call)
 
     def _ended(self, waiting: Waiting, call: Call) -> None:
         self._calls.pop(waiting.call_id, None)
+        rules = self.rules.get(waiting.queue)
         if not waiting.answered:
             # Abandoned while waiting or ringing: the router forgets it; a reserved agent is freed.
             self.router.dequeue(waiting.call_id)
             if waiting.agent_id is not None:
                 with contextlib.suppress(AgentStateError):
                     self._agents.release(waiting.agent_id, waiting.call_id)
+            if call.hangup_by is HangupBy.CALLER and self._feed is not None and rules is not None:
+                wait = queue_wait_s(call)
+                if wait is None:
+                    wait = max(0.0, self._now() - waiting.enqueued_at)
+                self.abandons += 1
+                self._feed.record_abandoned(waiting.queue, waiting.tenant, self._clock(), wait,
+                                            rules.short_abandon_s)
             self._kick()
+            self._refresh(waiting.queue)
             return
         agent_id = waiting.agent_id
-        if agent_id is None:
+        if agent_id is None or rules is None:
             return
-        rules = self.rules[waiting.queue]
+        ended = (call.ended_at or self._clock()).timestamp()
+        talk = max(0.0, ended - call.answered_at.timestamp()) if call.answered_at is not None else 0.0
+        self._handled[agent_id] = (waiting.queue, talk, ended)
+        caller = StickyHistory.caller_key(e164_or_none(call.caller_number or ""), call.caller_number)
+        if caller is not None:
+            self.history.remember(waiting.tenant, waiting.queue, caller, agent_id, ended)
         with contextlib.suppress(AgentStateError):
             self._agents.hangup(agent_id, waiting.call_id, call_data(call))
         with contextlib.suppress(RouterError):
@@ -385,6 +519,16 @@ class Dispatcher:
         if agent_id is None:
             return
         state = event.data.get("state")
+        if state in ("ready", "paused", "logged_out") and agent_id in self._handled:
+            self._handle_time(agent_id)
+        if state == "ready" and event.data.get("previous") == "logged_out":
+            device = event.data.get("device")
+            if isinstance(device, str) and self._device_states.get(device) in DEVICE_BUSY:
+                # Logged in to a phone that is already on a call: busy once this event is out.
+                try:
+                    asyncio.get_running_loop().call_soon(self._device_state, device, self._device_states[device])
+                except RuntimeError:  # no loop (a synchronous caller): at once
+                    self._device_state(device, self._device_states[device])
         known = agent_id in self._in_router
         if state == "logged_out":
             if known:
@@ -405,6 +549,114 @@ class Dispatcher:
         elif state in ("paused", "busy", "wrap_up"):
             self.router.set_agent_ready(agent_id, False)
         self._kick()
+
+    def _handle_time(self, agent_id: str) -> None:
+        """A handled call's wrap-up ended: talk + wrap-up is one AHT sample of its queue."""
+        queue_id, talk, ended = self._handled.pop(agent_id)
+        sample = talk + max(0.0, self._now() - ended)
+        if sample <= 0:
+            return
+        mean = self._aht.setdefault(queue_id, RunningMean()).add(sample)
+        with contextlib.suppress(ValueError):
+            self.router.set_aht(queue_id, mean)
+        self._refresh(queue_id)
+
+    def aht_s(self, queue_id: str) -> float | None:
+        """The measured AHT of a queue (None until a handled call's wrap-up ended)."""
+        mean = self._aht.get(queue_id)
+        return None if mean is None or mean.count == 0 else mean.mean
+
+    # -- devices ---------------------------------------------------------------------------
+
+    async def on_login(self, client: AMIClient | None = None) -> None:
+        """After each AMI login: ``DeviceStateList`` gives the known devices and their states."""
+        client = client or self._client
+        try:
+            listing = await client.action("DeviceStateList")
+        except AMIError as exc:
+            log.warning("acd.device_list_failed", reason=str(exc))
+            return
+        states: dict[str, str] = {}
+        for item in listing.events:
+            device = item.get("Device")
+            if device:
+                states[device] = item.get("State") or ""
+        self._endpoints = set(states)
+        log.info("acd.devices", devices=len(states))
+        for device, state in states.items():
+            self._device_state(device, state)
+
+    def known_endpoints(self) -> frozenset[str] | None:
+        """The devices Asterisk knows (``DeviceStateList`` at the last login, plus devices
+        seen in ``DeviceStateChange`` since), for ``registry.login``; None before the first
+        list, when only the device pattern can be checked."""
+        return None if self._endpoints is None else frozenset(self._endpoints)
+
+    def device_state(self, device: str) -> str | None:
+        return self._device_states.get(device)
+
+    def _device_state(self, device: str, state: str) -> None:
+        if not device:
+            return
+        self._device_states[device] = state
+        if self._endpoints is not None:
+            self._endpoints.add(device)
+        agent = self._agents.agent_for_device(device)
+        if agent is None:
+            return
+        if state in DEVICE_BUSY:
+            busy = True
+        elif state in DEVICE_IDLE:
+            busy = False
+        else:
+            return
+        try:
+            self._agents.set_busy(agent.id, busy)  # ignored while ctid reserved it or it is on ctid's call
+        except LookupError:
+            return
+
+    # -- queue figures (ctid.events.queues.QueueFigures) ----------------------------------------
+
+    def queue_ids(self) -> list[tuple[str, str]]:
+        return [(queue_id, rules.tenant) for queue_id, rules in self.rules.items()]
+
+    def requirement(self, queue_id: str) -> Expression | None:
+        rules = self.rules.get(queue_id)
+        return None if rules is None else rules.requires
+
+    def sl_threshold_s(self, queue_id: str) -> float:
+        rules = self.rules.get(queue_id)
+        return 20.0 if rules is None else rules.sl_threshold_s
+
+    def short_abandon_s(self, queue_id: str) -> float | None:
+        rules = self.rules.get(queue_id)
+        return None if rules is None else rules.short_abandon_s
+
+    def waiting_count(self, queue_id: str) -> int:
+        return self.router.depth(queue_id)
+
+    def longest_wait_s(self, queue_id: str) -> float:
+        oldest = min((w.enqueued_at for w in self._calls.values()
+                      if w.queue == queue_id and self.router.is_waiting(w.call_id)), default=None)
+        return 0.0 if oldest is None else max(0.0, self._now() - oldest)
+
+    def ewt_s(self, queue_id: str) -> float | None:
+        rules = self.rules.get(queue_id)
+        if rules is None:
+            return None
+        try:
+            return self.router.queue_ewt(rules, rules.priority)
+        except RouterError:
+            return None
+
+    def _refresh(self, queue_id: str) -> None:
+        rules = self.rules.get(queue_id)
+        if self._feed is None or rules is None:
+            return
+        try:
+            self._feed.refresh_queue(queue_id, rules.tenant, self._clock())
+        except Exception:  # statistics must never break routing
+            log.exception("acd.stats_failed", queue=queue_id)
 
     # -- timers --------------------------------------------------------------------------
 
@@ -439,6 +691,7 @@ class Dispatcher:
         route = _route_for(target.kind) if target is not None else "fallback"
         self._calls.pop(expiry.call_id, None)
         self._exits[expiry.call_id] = route
+        self._refresh(expiry.queue_id)
         log.info("acd.leaves_queue", call_id=expiry.call_id, queue=expiry.queue_id, reason=expiry.reason,
                  route=route)
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -118,7 +119,7 @@ class Connection:
     streaming: bool = False
     #: Queued events with a ``seq`` up to this were replayed already (resume).
     floor: int = 0
-    queue: asyncio.Queue[tuple[int, str]] = field(init=False)
+    queue: asyncio.Queue[tuple[int, bytes]] = field(init=False)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set when the connection must close: (code, reason).
     closing: asyncio.Future[tuple[int, bytes]] = field(init=False)
@@ -132,13 +133,25 @@ class Connection:
     def wants(self, event: Event) -> bool:
         return self.principal is not None and self.principal.sees(event) and self.filters.match(event)
 
-    def push(self, seq: int, payload: str) -> bool:
+    def push(self, seq: int, payload: bytes) -> bool:
         """Queue an event without waiting; False when the queue is full."""
         try:
             self.queue.put_nowait((seq, payload))
         except asyncio.QueueFull:
             return False
         return True
+
+    def transport(self) -> asyncio.Transport | None:
+        """The socket to write frames on directly, when the fast path may be used: the
+        connection is streaming live (not replaying), nothing is queued before this
+        event, and the socket is open. None sends the event through the queue."""
+        if not self.released.is_set() or not self.queue.empty():
+            return None
+        writer = getattr(self.ws, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        if transport is None or transport.is_closing():
+            return None
+        return transport  # type: ignore[no-any-return]
 
     def close_soon(self, code: int, reason: bytes) -> None:
         if not self.closing.done():
@@ -151,9 +164,20 @@ class Connection:
             if seq <= self.floor:
                 continue  # already sent by the resume replay
             try:
-                await self.ws.send_str(payload)
+                await self.ws.send_frame(payload, WSMsgType.TEXT)
             except ConnectionError:
                 return
+
+
+def _text_frame(data: bytes) -> bytes:
+    """An unmasked, final text frame (RFC 6455 5.2): server frames are the same bytes
+    for every client."""
+    n = len(data)
+    if n < 126:
+        return bytes((0x81, n)) + data
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + data
+    return struct.pack("!BBQ", 0x81, 127, n) + data
 
 
 class EventHub:
@@ -178,15 +202,33 @@ class EventHub:
         return len(self._admins) + sum(map(len, self._tenants.values())) + sum(map(len, self._agents.values()))
 
     def offer(self, event: Event, payload: str) -> None:
-        """Called by the bus for each event, in ``seq`` order; never blocks."""
+        """Called by the bus for each event, in ``seq`` order; never blocks.
+
+        The payload is encoded once, and the websocket frame built once, for every
+        client. A client that is streaming live with nothing queued gets the frame
+        written to its socket at once (no task switch per client per event); the others
+        get it through their bounded queue. A client is slow, and closed with 1008, when
+        its queue is full or its socket holds more than ``queue_size`` KiB unsent."""
         dropped: list[Connection] = []
+        data = payload.encode("utf-8")
+        frame: bytes | None = None
         for group in self._groups(event):
             for conn in group:
-                if conn.wants(event):
-                    if conn.push(event.seq, payload):
-                        self.delivered += 1
-                    else:
+                if not conn.wants(event):
+                    continue
+                transport = conn.transport()
+                if transport is not None:
+                    if transport.get_write_buffer_size() > conn.queue_size * 1024:
                         dropped.append(conn)
+                        continue
+                    if frame is None:
+                        frame = _text_frame(data)
+                    transport.write(frame)
+                    self.delivered += 1
+                elif conn.push(event.seq, data):
+                    self.delivered += 1
+                else:
+                    dropped.append(conn)
         for conn in dropped:
             self._drop_slow(conn)
         return None

@@ -18,10 +18,13 @@ One call, one ``call_id``
     go out under the Linkedid, and that first published id stays the call's id on the
     wire for its whole life, even if a ctid id turns up later.
 
-Abandon rule (the ACD refines it with queue data): an inbound call that was never
-answered and that the caller hung up is abandoned; ``call.abandoned`` goes out just
-before its ``call.ended``. ``where`` is the state it was in: ``ivr``, ``queue``
-(queued or offered) or ``ringing``.
+Abandon rule: an inbound call that was never answered and that the caller hung up is
+abandoned; ``call.abandoned`` goes out just before its ``call.ended``. ``where`` is the
+state it was in: ``ivr``, ``queue`` (queued or offered) or ``ringing``. For a call the ACD
+queued (it annotates ``call.data["queue"]`` and ``["enqueued_at"]``), ``wait_s`` is the
+wait in the queue, the envelope's ``queue`` is set, and ``short`` is true when that wait
+is under the queue's short-abandon threshold (the ``short_abandon`` lookup); otherwise
+``wait_s`` runs from the call's start and ``short`` is false.
 """
 
 from __future__ import annotations
@@ -40,12 +43,25 @@ from ctid.events.schema import Event, format_ts
 log = structlog.get_logger(__name__)
 
 Publish = Callable[[Event], Event]
+ShortAbandon = Callable[[str], float | None]
+"""The short-abandon threshold of a queue, in seconds (None: the queue has none)."""
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
     return round(max(0.0, (end - start).total_seconds()), 3)
+
+
+def queue_wait_s(call: Call) -> float | None:
+    """How long a queued call has waited in its queue, up to its answer or its end (or
+    now, None if neither): from ``call.data["enqueued_at"]`` (epoch seconds, the original
+    enqueue time, which the ACD annotates)."""
+    enqueued = call.data.get("enqueued_at")
+    end = call.answered_at or call.ended_at
+    if not isinstance(enqueued, int | float) or end is None:
+        return None
+    return round(max(0.0, end.timestamp() - float(enqueued)), 3)
 
 
 def call_data(call: Call) -> dict[str, Any]:
@@ -63,8 +79,10 @@ def call_data(call: Call) -> dict[str, Any]:
 class CallNotifier:
     """Feeds :class:`CallChange` lists to the bus as call events, one id per call."""
 
-    def __init__(self, publish: Publish, *, identify_grace: float = 3.0) -> None:
+    def __init__(self, publish: Publish, *, identify_grace: float = 3.0,
+                 short_abandon: ShortAbandon | None = None) -> None:
         self._publish = publish
+        self._short_abandon = short_abandon
         self._grace = identify_grace
         self._held: dict[int, list[Event]] = {}  # id(Call) -> events waiting for the call's id
         self._timers: dict[int, asyncio.TimerHandle] = {}
@@ -86,10 +104,7 @@ class CallNotifier:
             elif change.kind is ChangeKind.ENDED:
                 call = change.call
                 if self._abandoned(call):
-                    self._emit(call, self._event("call.abandoned", call, change.at, {
-                        "wait_s": _seconds(call.created_at, call.ended_at),
-                        "short": False,
-                        "where": _where(change.old_state)}))
+                    self._emit(call, self._abandon_event(call, change.at, change.old_state))
                 self._emit(call, self._ended(call, change.at))
                 self._release(call)
 
@@ -100,10 +115,28 @@ class CallNotifier:
 
     # -- building ------------------------------------------------------------------
 
-    def _event(self, type_: str, call: Call, at: datetime, extra: dict[str, Any]) -> Event:
+    def _event(self, type_: str, call: Call, at: datetime, extra: dict[str, Any], *,
+               queue: str | None = None) -> Event:
         data = call_data(call)
         data.update(extra)
-        return Event(type=type_, tenant=call.tenant, ts=at, data=data, call_id=call.call_id)
+        return Event(type=type_, tenant=call.tenant, ts=at, data=data, call_id=call.call_id, queue=queue)
+
+    def set_short_abandon(self, lookup: ShortAbandon | None) -> None:
+        """``lookup(queue_id)``: the queue's short-abandon threshold in seconds (None: none)."""
+        self._short_abandon = lookup
+
+    def _abandon_event(self, call: Call, at: datetime, old_state: CallState | None) -> Event:
+        queue = call.data.get("queue")
+        queue = queue if isinstance(queue, str) and queue else None
+        wait = queue_wait_s(call) if queue is not None else None
+        if wait is None:
+            wait = _seconds(call.created_at, call.ended_at)
+        short = False
+        if queue is not None and self._short_abandon is not None and wait is not None:
+            threshold = self._short_abandon(queue)
+            short = threshold is not None and wait < threshold
+        return self._event("call.abandoned", call, at, {"wait_s": wait, "short": short, "where": _where(old_state)},
+                           queue=queue)
 
     def _started(self, call: Call, at: datetime) -> Event:
         first = call.legs[0] if call.legs else None

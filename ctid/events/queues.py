@@ -1,23 +1,127 @@
-"""``queue.stats`` for the configured queues, until the ACD computes them itself.
+"""``queue.stats``: the figures of each queue, published through the rate-limited
+:class:`~ctid.events.stats.StatsSnapshotter`.
 
-The ACD issue owns routing and the real figures (waiting calls, longest wait, EWT,
-service level). Until it lands no call waits in a ctid queue, so ``waiting`` is 0,
-``longest_wait_s`` 0, ``ewt_s`` null and the service-level counters are 0 with a null
-value; what is real is the agents by state, counted over the agents of the queue's
-tenant. Every change of an agent's state refreshes the queues of its tenant through
-the :class:`~ctid.events.stats.StatsSnapshotter`, which rate-limits and dedupes.
+What a snapshot holds (``docs/schema/queue.stats.json``):
+
+- ``waiting``, ``longest_wait_s`` and ``ewt_s`` (for a call entering now) come from the
+  ACD (:class:`QueueFigures`, implemented by ``ctid.acd.dispatcher.Dispatcher``). Until
+  the ACD is attached (:meth:`QueueStatsFeed.attach`) they are 0, 0 and null.
+- ``agents``: the agents who serve the queue, by state: the agents of the queue's tenant
+  whose skills match the queue's *base* requirement (relaxation steps not counted).
+- ``sl_today``: the service level since midnight in the tenant's time zone, per the KPI
+  definition in the design: ``within_threshold / (answered + abandoned)``, where
+  ``within_threshold`` counts the calls answered with a queue wait ``<= T``
+  (``sl_threshold_s``), and short abandons (a queue wait ``< short_abandon_s``) are left out
+  of both terms and counted apart in ``short_abandoned``. ``value`` is null while no call
+  counts. :class:`ServiceLevelDay` keeps the counters of one queue; the first record or
+  snapshot after the tenant's local midnight starts a new day at zero.
+
+Counters live in memory: a restart of ctid starts the day's counters again at zero.
+
+Refreshes: every agent state change refreshes the queues of its tenant (``ctid.app``),
+and the ACD refreshes a queue on each of its events (enqueue, offer, answer, abandon,
+RONA, AHT update) with :meth:`QueueStatsFeed.refresh_queue`. The snapshotter drops
+unchanged snapshots and sends at most one per queue per interval.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
+from ctid.acd.expr import Expression
 from ctid.agents import AgentRegistry
+from ctid.agents.registry import Agent
 from ctid.config import Config
 from ctid.events.stats import StatsSnapshotter
 
+__all__ = ["STATES", "QueueFigures", "QueueStatsFeed", "ServiceLevelDay"]
+
 STATES = ("ready", "reserved", "on_call", "busy", "wrap_up", "paused")
+
+
+class QueueFigures(Protocol):
+    """What the ACD tells the feed about its queues."""
+
+    def queue_ids(self) -> Iterable[tuple[str, str]]:
+        """``(queue id, tenant)`` of every queue the ACD routes."""
+        ...
+
+    def requirement(self, queue_id: str) -> Expression | None:
+        """The queue's base requirement (None: unknown queue)."""
+        ...
+
+    def sl_threshold_s(self, queue_id: str) -> float:
+        ...
+
+    def waiting_count(self, queue_id: str) -> int:
+        ...
+
+    def longest_wait_s(self, queue_id: str) -> float:
+        ...
+
+    def ewt_s(self, queue_id: str) -> float | None:
+        ...
+
+
+@dataclass(slots=True)
+class ServiceLevelDay:
+    """One queue's service-level counters for one local day of its tenant.
+
+    Pure: every method takes the instant; the tenant's ``zone`` decides the day.
+    """
+
+    zone: ZoneInfo
+    day: date | None = None
+    answered: int = 0
+    abandoned: int = 0
+    within_threshold: int = 0
+    short_abandoned: int = 0
+
+    def roll(self, now: datetime) -> None:
+        """Start a new day at zero if ``now`` is past the tenant's local midnight."""
+        today = now.astimezone(self.zone).date()
+        if today != self.day:
+            self.day = today
+            self.answered = self.abandoned = self.within_threshold = self.short_abandoned = 0
+
+    def record_answered(self, now: datetime, wait_s: float, threshold_s: float) -> None:
+        self.roll(now)
+        self.answered += 1
+        if wait_s <= threshold_s:
+            self.within_threshold += 1
+
+    def record_abandoned(self, now: datetime, wait_s: float, short_abandon_s: float) -> None:
+        self.roll(now)
+        if wait_s < short_abandon_s:
+            self.short_abandoned += 1
+        else:
+            self.abandoned += 1
+
+    @property
+    def value(self) -> float | None:
+        counted = self.answered + self.abandoned
+        return None if counted == 0 else self.within_threshold / counted
+
+    def snapshot(self, now: datetime, threshold_s: float) -> dict[str, Any]:
+        self.roll(now)
+        assert self.day is not None
+        value = self.value
+        return {"answered": self.answered, "abandoned": self.abandoned,
+                "within_threshold": self.within_threshold, "short_abandoned": self.short_abandoned,
+                "threshold_s": threshold_s, "value": None if value is None else round(value, 6),
+                "date": self.day.isoformat()}
+
+
+@dataclass(slots=True)
+class _Eligibility:
+    """Which agents match a queue's base requirement, cached per agent config."""
+
+    requirement: Expression
+    by_agent: dict[str, tuple[object, bool]] = field(default_factory=dict)
 
 
 class QueueStatsFeed:
@@ -28,35 +132,103 @@ class QueueStatsFeed:
         self._snapshotter = snapshotter
         self._threshold = threshold_s
         self._interval = interval_s if interval_s is not None else config.events.stats_interval
+        self._figures: QueueFigures | None = None
+        self._sl: dict[str, ServiceLevelDay] = {}
+        self._eligible: dict[str, _Eligibility] = {}
 
-    def snapshot(self, tenant: str, today: datetime) -> dict[str, Any]:
+    def attach(self, figures: QueueFigures) -> None:
+        """The ACD that routes the queues (waiting calls, EWT, requirements)."""
+        self._figures = figures
+        self._eligible.clear()
+
+    # -- counters ------------------------------------------------------------------------
+
+    def _day(self, queue_id: str, tenant: str) -> ServiceLevelDay:
+        day = self._sl.get(queue_id)
+        if day is None:
+            day = self._sl[queue_id] = ServiceLevelDay(self._zone(tenant))
+        return day
+
+    def _zone(self, tenant: str) -> ZoneInfo:
+        try:
+            return self._config.tenant(tenant).zone
+        except (KeyError, LookupError, ValueError):
+            return ZoneInfo("UTC")
+
+    def record_answered(self, queue_id: str, tenant: str, now: datetime, wait_s: float) -> None:
+        """A call of the queue was answered after waiting ``wait_s`` in it."""
+        self._day(queue_id, tenant).record_answered(now, wait_s, self._threshold_for(queue_id))
+
+    def record_abandoned(self, queue_id: str, tenant: str, now: datetime, wait_s: float,
+                         short_abandon_s: float) -> None:
+        """The caller hung up after waiting ``wait_s`` in the queue (short under ``short_abandon_s``)."""
+        self._day(queue_id, tenant).record_abandoned(now, wait_s, short_abandon_s)
+
+    def service_level(self, queue_id: str) -> ServiceLevelDay | None:
+        return self._sl.get(queue_id)
+
+    def _threshold_for(self, queue_id: str) -> float:
+        figures = self._figures
+        return self._threshold if figures is None else figures.sl_threshold_s(queue_id)
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def _serves(self, queue_id: str, requirement: Expression | None, agent: Agent) -> bool:
+        if requirement is None:
+            return True
+        cache = self._eligible.get(queue_id)
+        if cache is None or cache.requirement != requirement:
+            cache = self._eligible[queue_id] = _Eligibility(requirement)
+        config = agent.config
+        hit = cache.by_agent.get(agent.id)
+        if hit is not None and hit[0] is config:
+            return hit[1]
+        ok = requirement.matches(dict(config.skills))
+        cache.by_agent[agent.id] = (config, ok)
+        return ok
+
+    def _agent_counts(self, queue_id: str, tenant: str) -> dict[str, int]:
+        figures = self._figures
+        requirement = None if figures is None else figures.requirement(queue_id)
         counts = dict.fromkeys(STATES, 0)
         logged_in = 0
         for agent in self._agents:
-            if agent.tenant != tenant:
+            if agent.tenant != tenant or not self._serves(queue_id, requirement, agent):
                 continue
             state = str(agent.state.value)
             if state != "logged_out":
                 logged_in += 1
             if state in counts:
                 counts[state] += 1
-        zone = self._config.tenant(tenant).zone
+        return {**counts, "logged_in": logged_in}
+
+    def snapshot_queue(self, queue_id: str, tenant: str, now: datetime) -> dict[str, Any]:
+        figures = self._figures
+        threshold = self._threshold_for(queue_id)
         return {
-            "waiting": 0,
-            "longest_wait_s": 0.0,
-            "agents": {**counts, "logged_in": logged_in},
-            "sl_today": {"answered": 0, "abandoned": 0, "within_threshold": 0, "threshold_s": self._threshold,
-                         "value": None, "date": today.astimezone(zone).date().isoformat()},
-            "ewt_s": None,
+            "waiting": 0 if figures is None else figures.waiting_count(queue_id),
+            "longest_wait_s": 0.0 if figures is None else round(max(0.0, figures.longest_wait_s(queue_id)), 3),
+            "agents": self._agent_counts(queue_id, tenant),
+            "sl_today": self._day(queue_id, tenant).snapshot(now, threshold),
+            "ewt_s": None if figures is None else _rounded(figures.ewt_s(queue_id)),
             "interval_s": self._interval,
         }
 
+    def _queues(self) -> Iterable[tuple[str, str]]:
+        if self._figures is not None:
+            return list(self._figures.queue_ids())
+        return [(q.id, q.tenant) for q in self._config.queues]
+
+    def refresh_queue(self, queue_id: str, tenant: str, now: datetime) -> None:
+        """Offer a fresh snapshot of one queue (the ACD calls this on each queue event)."""
+        self._snapshotter.update(tenant, queue_id, self.snapshot_queue(queue_id, tenant, now))
+
     def refresh(self, now: datetime, tenant: str | None = None) -> None:
         """Offer fresh snapshots of the queues of ``tenant`` (all queues when None)."""
-        cache: dict[str, dict[str, Any]] = {}
-        for queue in self._config.queues:
-            if tenant is not None and queue.tenant != tenant:
-                continue
-            if queue.tenant not in cache:
-                cache[queue.tenant] = self.snapshot(queue.tenant, now)
-            self._snapshotter.update(queue.tenant, queue.id, cache[queue.tenant])
+        for queue_id, queue_tenant in self._queues():
+            if tenant is None or queue_tenant == tenant:
+                self.refresh_queue(queue_id, queue_tenant, now)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(max(0.0, value), 3)
