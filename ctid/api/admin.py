@@ -225,17 +225,22 @@ async def list_agents(request: web.Request) -> web.StreamResponse:
     return web.json_response({"agents": [a.to_json() for a in agents]})
 
 
+def _required_id(body: dict[str, Any], field: str) -> str:
+    """The id a create request must carry, checked like every id (``check_id``)."""
+    value = body.get(field)
+    if not isinstance(value, str):
+        raise ApiError.bad_request(f"'{field}' is required (a string)", field=field)
+    try:
+        return check_id(value, field)
+    except UnsafeValueError as exc:
+        raise ApiError.bad_request(str(exc), field=field) from None
+
+
 async def create_agent(request: web.Request) -> web.StreamResponse:
     principal, store = _admin(request)
     body = await _json_body(request, allow_empty=False)
     _refuse_unknown(body, _AGENT_FIELDS)
-    agent_id = body.get("agent_id")
-    if not isinstance(agent_id, str):
-        raise ApiError.bad_request("'agent_id' is required (a string)", field="agent_id")
-    try:
-        check_id(agent_id, "agent_id")
-    except UnsafeValueError as exc:
-        raise ApiError.bad_request(str(exc), field="agent_id") from None
+    agent_id = _required_id(body, "agent_id")
     spec = _agent_spec(request, agent_id, body, None)
     try:
         agent = await store.create_agent(spec, actor=principal.name)
@@ -316,13 +321,7 @@ async def create_queue(request: web.Request) -> web.StreamResponse:
     principal, store = _admin(request)
     body = await _json_body(request, allow_empty=False)
     _refuse_unknown(body, _QUEUE_FIELDS)
-    queue_id = body.get("queue_id")
-    if not isinstance(queue_id, str):
-        raise ApiError.bad_request("'queue_id' is required (a string)", field="queue_id")
-    try:
-        check_id(queue_id, "queue_id")
-    except UnsafeValueError as exc:
-        raise ApiError.bad_request(str(exc), field="queue_id") from None
+    queue_id = _required_id(body, "queue_id")
     spec = _queue_spec(request, queue_id, body, None)
     try:
         queue = await store.create_queue(spec, actor=principal.name)
