@@ -229,6 +229,7 @@ class Daemon:
         self._started = False
         log.info("ctid.stopping")
         await self._shutdown()
+        gc.unfreeze()  # let what start() froze be collected again (matters for embedders and tests)
         log.info("ctid.stopped", records_written=self.recorder.written, records_unsaved=self.recorder.pending,
                  events_last_seq=self.bus.last_seq)
 
