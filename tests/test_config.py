@@ -336,3 +336,15 @@ def test_the_example_queue_block_loads_when_uncommented() -> None:
     support = config.queue("support")
     assert [step.after for step in support.relax] == [0, 30, 90]
     assert support.sticky is not None and support.overflow is not None and support.overflow.target == "queue:sales"
+
+
+def test_the_readme_acd_example_is_a_valid_config() -> None:
+    import re
+    import tomllib
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Routing calls \(ACD\).*?```toml\n(.*?)```", text, re.S)
+    assert block is not None, "README lost its ACD example"
+    config = parse(tomllib.loads(block.group(1)), env={})
+    assert config.line_for_dnis("+442071234567") is not None
+    assert config.service_lines[0].queue == "support"
