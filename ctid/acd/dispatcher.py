@@ -58,8 +58,36 @@ lookup), the ``queue.stats`` feed and the database sessions (sticky history); th
 consumer must hand ``DeviceStateChange`` to :meth:`on_ami_event`, the login hook must
 await :meth:`on_login`, and the API's login takes :meth:`known_endpoints`.
 
-Not built yet (later work of the ACD issue): callback in queue, call control (hold,
-transfer, click-to-dial, hangup over the API), syncing the native fallback queue's
+8. **Callback in queue** (``[queues.callback]``, stored by ``ctid.acd.callbacks``). At
+   each check-in of a queue with callbacks enabled, the check-in plays
+   :data:`CALLBACK_PROMPT` with ``STREAM FILE`` and the callback key as escape digit.
+   Pressed: the caller ID, checked by the ``[dialing]`` :class:`DialPolicy` (refused:
+   :data:`CALLBACK_REFUSED_PROMPT` and the caller keeps waiting), is stored as a
+   callback (``callbacks`` row, written before the caller is released), the check-in
+   answers ``CTID_ROUTE=release`` and the live call leaves the queue (its hangup is no
+   abandon). An overflow or max-wait target ``callback`` does the same with no key (a
+   number that may not be called back goes to the native fallback queue). The callback
+   keeps the caller's place: it waits in the router under its own id, with the
+   original priority and enqueue time, in the queue's twin ``<queue>~callback`` (same
+   requirement, relaxation and policy; no overflow, max wait or sticky hold), so the
+   router's global fairness order puts it ahead of calls that arrived later. Its turn:
+   reserve the agent, publish ``call.offered`` (``publish_and_wait``, same pop contract;
+   ``channel`` is the agent's device, ``uniqueid`` the ``ChannelId`` of the Originate),
+   then ``Originate`` (Async) the agent's device into ``[ctid-callback]`` with
+   ``__CTID_CALL_ID=<callback id>.<attempt>`` and ``CTID_CALLBACK_NUMBER``; the dialplan
+   dials ``PJSIP/<number>@${CTID_TRUNK}``. The customer answers: the call model sees
+   the bridge, the agent goes ``on_call`` and the normal answered/ended/wrap-up path
+   runs (the callback is ``done``). ``UserEvent CtidCallback`` with another DialStatus:
+   the attempt failed, the agent is released, and the callback waits again after
+   ``retry_s`` until ``attempts`` are used (``failed``); ``expiry_s`` after it was left
+   it ``expired``. The agent does not answer the Originate (the attempt's call ends
+   with no CtidCallback, or no channel appears within the ring timeout + 5 s): RONA,
+   the callback goes back to the head. At start, open callbacks are loaded from the
+   database into the router with their original enqueue time. :meth:`before_changes`
+   (called by the app before the call events are built) puts an attempt's call in the
+   callback's tenant.
+
+Not built yet (later work of the ACD issue): syncing the native fallback queue's
 members, announcements of position and EWT at the check-in; the day's service-level
 counters are not rebuilt from the call records after a restart.
 """
@@ -68,6 +96,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -76,6 +106,7 @@ from typing import Any, Final
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from ctid.acd.callbacks import CallbackRecord, CallbackState, CallbackStore, new_callback_id
 from ctid.acd.expr import Expression
 from ctid.acd.history import StickyHistory, store_query
 from ctid.acd.router import Expiry, Offer, Router, RouterError
@@ -85,9 +116,16 @@ from ctid.agents.states import AgentStateError
 from ctid.asterisk.agi import AGIError, AGISession
 from ctid.asterisk.ami import AMIClient, AMIError
 from ctid.asterisk.ami_protocol import Message
-from ctid.asterisk.safety import UnsafeValueError, check_device, e164_or_none
+from ctid.asterisk.safety import (
+    DialNumberRejected,
+    DialPolicy,
+    UnsafeValueError,
+    check_device,
+    check_originate_variable,
+    e164_or_none,
+)
 from ctid.calls import Call, CallChange, CallModel, CallState, CallStateError, ChangeKind, HangupBy, Role
-from ctid.config import Config
+from ctid.config import CallbackConfig, Config
 from ctid.events.bus import EventBus
 from ctid.events.calls import CallNotifier, call_data, queue_wait_s
 from ctid.events.queues import QueueStatsFeed
@@ -101,6 +139,16 @@ AHT_WINDOW: Final = 200
 """The AHT is the mean of the handled calls so far, then a running mean over about this many."""
 DEVICE_BUSY: Final = frozenset({"INUSE", "BUSY", "RINGINUSE", "ONHOLD"})
 DEVICE_IDLE: Final = frozenset({"NOT_INUSE"})
+CALLBACK_CONTEXT: Final = "ctid-callback"
+CALLBACK_QUEUE_SUFFIX: Final = "~callback"
+"""Callbacks wait in the router in a twin of their queue (same requirement, policy and
+relaxation, no overflow, max wait or sticky hold): ``<queue id>~callback``."""
+CALLBACK_PROMPT: Final = "beep"
+"""Played at each check-in of a queue with callbacks, with the callback key as escape digit."""
+CALLBACK_REFUSED_PROMPT: Final = "invalid"
+"""Played when the caller's number may not be called back (the dial allow-list)."""
+CALLBACK_ANSWER_GRACE_S: Final = 5.0
+"""Beyond the ring timeout: an Originate whose agent leg never appeared is a RONA."""
 
 
 class RunningMean:
@@ -131,6 +179,9 @@ class Waiting:
     enqueued_at: float
     agent_id: str | None = None  # offered to (ringing), or talking to once answered
     answered: bool = False
+    callback: bool = False  # a callback in queue: call_id is the callback id, no live channel
+    attempt_call: str | None = None  # the callback's current Originate (its CTID_CALL_ID)
+    outcome: str | None = None  # the callback attempt's DialStatus, once reported
 
 
 class Dispatcher:
@@ -162,6 +213,15 @@ class Dispatcher:
         self._endpoints: set[str] | None = None  # devices from DeviceStateList (+ seen since)
         self._device_states: dict[str, str] = {}
         self.abandons = 0
+        dialing = config.dialing
+        self.policy = DialPolicy(dialing.allowed_prefixes, denied_prefixes=dialing.denied_prefixes,
+                                 default_country_code=dialing.default_country_code)
+        self.callbacks = CallbackStore(None)
+        self._callbacks: dict[str, CallbackRecord] = {}  # open callbacks by id
+        self._cb_rules: dict[str, QueueRules] = {}  # queue id -> its callback twin's rules
+        self._cb_timers: dict[str, asyncio.TimerHandle] = {}  # callback -> retry or expiry timer
+        self._attempts: dict[str, str] = {}  # an attempt's call id -> its callback id
+        self.callbacks_refused = 0
 
     def _now(self) -> float:
         return self._clock().timestamp()
@@ -170,6 +230,7 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._timer_task = asyncio.create_task(self._timer_loop(), name="acd-timers")
+        await self.load_callbacks()
 
     def wire(self, *, notifier: CallNotifier | None = None, stats: QueueStatsFeed | None = None,
              sessions: async_sessionmaker[AsyncSession] | None = None) -> None:
@@ -183,6 +244,7 @@ class Dispatcher:
             stats.attach(self)
         if sessions is not None:
             self.history = StickyHistory(store_query(sessions), self._now, bound_s=self.history.bound_s)
+            self.callbacks = CallbackStore(sessions)
 
     async def stop(self) -> None:
         await self.history.close()
@@ -192,6 +254,12 @@ class Dispatcher:
         for _, timer in self._wrapups.values():
             if timer is not None:
                 timer.cancel()
+        for handle in self._cb_timers.values():
+            handle.cancel()
+        self._cb_timers.clear()
+        saves = [t for t in self._tasks if t.get_name().startswith(("callback-save-", "callback-add-"))]
+        if saves:  # the callbacks' last writes: they must survive the restart
+            await asyncio.wait(saves, timeout=2.0)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -201,6 +269,10 @@ class Dispatcher:
         already waiting keep the rules they were queued with."""
         self._config = config
         self.rules = {q.id: QueueRules.from_config(q) for q in config.queues}
+        self._cb_rules.clear()
+        dialing = config.dialing
+        self.policy = DialPolicy(dialing.allowed_prefixes, denied_prefixes=dialing.denied_prefixes,
+                                 default_country_code=dialing.default_country_code)
 
     def waiting(self, call_id: str) -> Waiting | None:
         return self._calls.get(call_id)
@@ -296,8 +368,336 @@ class Dispatcher:
                     self.router.refresh(call_id)
                     self._kick()
                     self._refresh(waiting.queue)  # the longest wait moves on
+                if self._callback_offered(waiting) and await self._callback_choice(session, waiting):
+                    route = "release"
         with contextlib.suppress(AGIError, UnsafeValueError):
             await session.set_variable("CTID_ROUTE", route)
+
+    def _callback_offered(self, waiting: Waiting) -> bool:
+        config = self._callback_config(waiting.queue)
+        return (config is not None and config.enabled and not waiting.callback and waiting.agent_id is None
+                and self.router.is_waiting(waiting.call_id))
+
+    async def _callback_choice(self, session: AGISession, waiting: Waiting) -> bool:
+        """The check-in of a queue with callbacks: the prompt, with the callback key as its
+        escape digit. Pressed: the callback is stored and the caller released (True)."""
+        config = self._callback_config(waiting.queue)
+        assert config is not None
+        try:
+            reply = await session.send_command("STREAM FILE", CALLBACK_PROMPT, config.dtmf)
+        except (AGIError, UnsafeValueError):
+            return False
+        if reply.result != str(ord(config.dtmf)):
+            return False
+        if self._calls.get(waiting.call_id) is not waiting or not self.router.is_waiting(waiting.call_id):
+            return False  # offered (or gone) meanwhile: the offer wins
+        caller = session.env.get("agi_callerid") or ""
+        try:
+            number = self.policy.check(caller)
+        except DialNumberRejected as exc:
+            self.callbacks_refused += 1
+            log.warning("acd.callback_refused", call_id=waiting.call_id, queue=waiting.queue, reason=exc.reason)
+            with contextlib.suppress(AGIError, UnsafeValueError):
+                await session.send_command("STREAM FILE", CALLBACK_REFUSED_PROMPT, "")
+            return False
+        record = self._new_callback(waiting, number)
+        try:
+            await self.callbacks.add(record)
+        except Exception:  # the database is down: the caller keeps waiting on the line
+            log.exception("acd.callback_store_failed", call_id=waiting.call_id)
+            return False
+        if self._calls.get(waiting.call_id) is not waiting or not self.router.is_waiting(waiting.call_id):
+            record.state = "expired"
+            record.last_status = "superseded"
+            self._spawn(self.callbacks.save(record), f"callback-save-{record.id}")
+            return False
+        self._to_callback(waiting, record, reason="dtmf")
+        return True
+
+    # -- callback in queue -----------------------------------------------------------------
+
+    def _callback_config(self, queue_id: str) -> CallbackConfig | None:
+        for queue in self._config.queues:
+            if queue.id == queue_id:
+                return queue.callback
+        return None
+
+    def _callback_rules(self, queue_id: str) -> QueueRules:
+        rules = self._cb_rules.get(queue_id)
+        if rules is None:
+            rules = dataclasses.replace(self.rules[queue_id], queue_id=queue_id + CALLBACK_QUEUE_SUFFIX,
+                                        overflow=None, max_wait_s=None, sticky=None)
+            self._cb_rules[queue_id] = rules
+        return rules
+
+    def _new_callback(self, waiting: Waiting, number: str) -> CallbackRecord:
+        now = self._now()
+        return CallbackRecord(new_callback_id(), waiting.tenant, waiting.queue, waiting.call_id, number,
+                              waiting.priority, waiting.enqueued_at, now, next_attempt_at=now, updated_at=now)
+
+    def _to_callback(self, waiting: Waiting, record: CallbackRecord, *, reason: str) -> None:
+        """The caller left a number: the live call leaves the queue (its hangup is no
+        abandon) and the callback takes its place (priority, original enqueue time)."""
+        if self._calls.get(waiting.call_id) is waiting:
+            del self._calls[waiting.call_id]
+        self.router.dequeue(waiting.call_id)
+        with contextlib.suppress(LookupError):
+            self._model.annotate(waiting.call_id, data={"callback_id": record.id})
+        log.info("acd.callback_left", call_id=waiting.call_id, callback_id=record.id, queue=waiting.queue,
+                 reason=reason)
+        self._open_callback(record)
+        self._refresh(waiting.queue)
+
+    def _open_callback(self, record: CallbackRecord) -> None:
+        """Track an open callback: waiting in the router now, or at its next attempt."""
+        config = self._callback_config(record.queue)
+        if record.queue not in self.rules or config is None:
+            log.warning("acd.callback_unknown_queue", callback_id=record.id, queue=record.queue)
+            return
+        self._callbacks[record.id] = record
+        now = self._now()
+        if now >= record.expires_at(config.expiry_s):
+            self._close_callback(record, "expired")
+            return
+        record.state = "waiting"
+        if record.next_attempt_at > now:
+            self._arm(record.id, record.next_attempt_at - now, self._retry_callback)
+        else:
+            self._queue_callback(record)
+
+    def _queue_callback(self, record: CallbackRecord) -> None:
+        config = self._callback_config(record.queue)
+        if config is None or record.queue not in self.rules:  # the queue was removed by a reload
+            record.last_status = "queue_removed"
+            self._close_callback(record, "failed")
+            return
+        self._calls[record.id] = Waiting(record.id, record.queue, record.tenant, "", record.priority,
+                                         record.enqueued_at, callback=True)
+        self.router.enqueue(record.id, self._callback_rules(record.queue), record.priority,
+                            enqueued_at=record.enqueued_at)
+        self._arm(record.id, max(0.0, record.expires_at(config.expiry_s) - self._now()), self._expire_callback)
+        self._kick()
+
+    def _arm(self, callback_id: str, delay: float, action: Callable[[str], None]) -> None:
+        old = self._cb_timers.pop(callback_id, None)
+        if old is not None:
+            old.cancel()
+        self._cb_timers[callback_id] = asyncio.get_running_loop().call_later(delay, action, callback_id)
+
+    def _retry_callback(self, callback_id: str) -> None:
+        self._cb_timers.pop(callback_id, None)
+        record = self._callbacks.get(callback_id)
+        if record is not None and record.open and callback_id not in self._calls:
+            self._queue_callback(record)
+
+    def _expire_callback(self, callback_id: str) -> None:
+        self._cb_timers.pop(callback_id, None)
+        record = self._callbacks.get(callback_id)
+        waiting = self._calls.get(callback_id)
+        if record is None:
+            return
+        if waiting is not None and waiting.agent_id is not None:
+            return  # being served: the outcome decides
+        if waiting is not None:
+            del self._calls[callback_id]
+            self.router.dequeue(callback_id)
+            self._kick()
+        self._close_callback(record, "expired")
+
+    def _close_callback(self, record: CallbackRecord, state: CallbackState) -> None:
+        record.state = state
+        record.updated_at = self._now()
+        self._callbacks.pop(record.id, None)
+        handle = self._cb_timers.pop(record.id, None)
+        if handle is not None:
+            handle.cancel()
+        log.info("acd.callback_closed", callback_id=record.id, queue=record.queue, state=state,
+                 attempts=record.attempts, last_status=record.last_status)
+        self._spawn(self.callbacks.save(record), f"callback-save-{record.id}")
+
+    async def load_callbacks(self) -> int:
+        """At start: the open callbacks stored in the database wait again, in their place."""
+        try:
+            records = await self.callbacks.open_callbacks()
+        except Exception:
+            log.exception("acd.callback_load_failed")
+            return 0
+        for record in records:
+            if record.id not in self._callbacks:
+                self._open_callback(record)
+        if records:
+            log.info("acd.callbacks_loaded", callbacks=len(records))
+        return len(records)
+
+    def callback(self, callback_id: str) -> CallbackRecord | None:
+        """An open callback (None once it is done, failed or expired)."""
+        return self._callbacks.get(callback_id)
+
+    def open_callbacks(self) -> list[CallbackRecord]:
+        return list(self._callbacks.values())
+
+    async def _offer_callback(self, offer: Offer, waiting: Waiting) -> None:
+        """A callback's turn: reserve the agent, pop, then Originate the agent's device
+        into ``[ctid-callback]``, which dials the customer."""
+        record = self._callbacks.get(offer.call_id)
+        rules = self.rules.get(waiting.queue)
+        if record is None or rules is None:  # closed meanwhile
+            self._calls.pop(offer.call_id, None)
+            self.router.dequeue(offer.call_id)
+            self._kick()
+            return
+        agent = self._agents.get(offer.agent_id)
+        device = agent.device or ""
+        try:
+            check_device(device, None)
+        except UnsafeValueError:
+            log.error("acd.bad_device", agent_id=offer.agent_id, device=device)
+            self.router.offer_done(offer.call_id, offer.agent_id, answered=False)
+            self._kick()
+            return
+        # One call id per Originate (a RONA'd Originate's call id is spent): the attempt
+        # number, then a random tag.
+        attempt = f"{record.id}.{record.attempts + 1}.{secrets.token_hex(3)}"
+        base: dict[str, Any] = {"direction": "outbound", "state": "offered",
+                                "caller": {"number": record.number, "name": None, "e164": record.number},
+                                "dnis": record.number, "service_line": None}
+        waiting.agent_id = offer.agent_id
+        waiting.outcome = None
+        try:
+            self._agents.reserve(offer.agent_id, offer.call_id, waiting.queue, base)
+        except AgentStateError as exc:
+            log.warning("acd.reserve_refused", agent_id=offer.agent_id, reason=str(exc))
+            waiting.agent_id = None
+            self.router.offer_done(offer.call_id, offer.agent_id, answered=False)
+            self._kick()
+            return
+        self.offers += 1
+        waiting.attempt_call = attempt
+        self._attempts[attempt] = record.id
+        record.state = "dialing"
+        record.updated_at = self._now()
+        self._spawn(self.callbacks.save(record), f"callback-save-{record.id}")
+        pop = dict(base)
+        line = next((s for s in self._config.service_lines if s.queue == waiting.queue), None)
+        # No caller channel yet: the pop names the agent's device and the Uniqueid that
+        # the Originate gives the agent's channel (ChannelId).
+        uniqueid = f"{attempt}.agent"
+        pop.update({"queue": waiting.queue, "priority": offer.priority, "wait_s": round(offer.wait_s, 3),
+                    "ivr": {}, "crm": None, "crm_error": None,
+                    "recording": {"policy": line.recording if line else "never"},
+                    "channel": device, "uniqueid": uniqueid,
+                    "ring_timeout_s": rules.ring_timeout_s, "device": device})
+        await self._bus.publish_and_wait(Event("call.offered", waiting.tenant, self._clock(), pop,
+                                               call_id=offer.call_id, agent_id=offer.agent_id,
+                                               queue=waiting.queue))
+        try:
+            variables = [check_originate_variable(name, value) for name, value in (
+                ("__CTID_CALL_ID", attempt), ("CTID_CALLBACK_NUMBER", record.number),
+                ("CTID_TRUNK", self._config.dialing.trunk), ("__CTID_TENANT", record.tenant),
+                ("__CTID_QUEUE", record.queue))]
+            await self._client.action("Originate", [
+                ("Channel", device), ("ChannelId", uniqueid), ("Context", CALLBACK_CONTEXT), ("Exten", "s"),
+                ("Priority", "1"),
+                ("Timeout", str(int(rules.ring_timeout_s * 1000))), ("Async", "true"),
+                ("CallerID", f"<{record.number}>"), *(("Variable", v) for v in variables)])
+        except (AMIError, UnsafeValueError) as exc:
+            log.warning("acd.callback_originate_failed", callback_id=record.id, agent_id=offer.agent_id,
+                        reason=str(exc))
+            self._callback_rona(waiting, "originate_failed")
+            return
+        log.info("acd.callback_offered", callback_id=record.id, agent_id=offer.agent_id, queue=waiting.queue,
+                 attempt=attempt)
+        self._spawn(self._callback_watchdog(waiting, attempt, rules.ring_timeout_s + CALLBACK_ANSWER_GRACE_S),
+                    f"callback-watch-{attempt}")
+
+    async def _callback_watchdog(self, waiting: Waiting, attempt: str, after: float) -> None:
+        """The Originate's agent leg never showed up (unreachable device): a RONA."""
+        await asyncio.sleep(after)
+        if (waiting.attempt_call == attempt and waiting.agent_id is not None and not waiting.answered
+                and waiting.outcome is None and self._model.get(attempt) is None
+                and self._calls.get(waiting.call_id) is waiting):
+            self._callback_rona(waiting, "no_channel")
+
+    def _callback_rona(self, waiting: Waiting, why: str) -> None:
+        """The agent did not take the callback's Originate: paused, the callback back to the head."""
+        agent_id, waiting.agent_id = waiting.agent_id, None
+        waiting.attempt_call = None
+        if agent_id is None:
+            return
+        self.ronas += 1
+        log.info("acd.rona", call_id=waiting.call_id, agent_id=agent_id, dial_status=why)
+        with contextlib.suppress(AgentStateError):
+            self._agents.rona(agent_id, waiting.call_id)
+        with contextlib.suppress(RouterError):
+            self.router.offer_done(waiting.call_id, agent_id, answered=False)
+        record = self._callbacks.get(waiting.call_id)
+        config = self._callback_config(waiting.queue)
+        if record is not None and config is not None and self._now() >= record.expires_at(config.expiry_s):
+            self._calls.pop(waiting.call_id, None)
+            self.router.dequeue(waiting.call_id)
+            self._close_callback(record, "expired")
+        elif record is not None:
+            record.state = "waiting"
+            self._spawn(self.callbacks.save(record), f"callback-save-{record.id}")
+        self._kick()
+
+    def _callback_outcome(self, waiting: Waiting, status: str) -> None:
+        """``UserEvent CtidCallback``: the customer's leg was dialled. ANSWER: done (the
+        call model reports the answer); else the attempt failed: retry, or give up."""
+        record = self._callbacks.get(waiting.call_id)
+        if record is None or waiting.outcome is not None:
+            return
+        waiting.outcome = status
+        if status == "ANSWER":
+            return
+        record.attempts += 1
+        record.last_status = status
+        record.updated_at = now = self._now()
+        agent_id, waiting.agent_id = waiting.agent_id, None
+        del self._calls[waiting.call_id]
+        self.router.dequeue(waiting.call_id)  # frees the agent's router slot
+        if agent_id is not None:
+            with contextlib.suppress(AgentStateError):
+                self._agents.release(agent_id, waiting.call_id)
+        config = self._callback_config(record.queue)
+        log.info("acd.callback_attempt_failed", callback_id=record.id, attempt=record.attempts, dial_status=status)
+        if config is None or record.attempts >= config.attempts:
+            self._close_callback(record, "failed")
+        elif now + config.retry_s >= record.expires_at(config.expiry_s):
+            self._close_callback(record, "expired")
+        else:
+            record.state = "waiting"
+            record.next_attempt_at = now + config.retry_s
+            self._spawn(self.callbacks.save(record), f"callback-save-{record.id}")
+            self._arm(record.id, config.retry_s, self._retry_callback)
+        self._kick()
+        self._refresh(record.queue)
+
+    def _callback_answered(self, waiting: Waiting) -> None:
+        record = self._callbacks.get(waiting.call_id)
+        if record is None:
+            return
+        record.attempts += 1
+        record.last_status = "ANSWER"
+        self._close_callback(record, "done")
+
+    def before_changes(self, changes: list[CallChange]) -> None:
+        """Before the call events are built (``ctid.app``): a callback attempt's call is
+        in the callback's tenant, with the queue's data."""
+        for change in changes:
+            if change.kind not in (ChangeKind.STARTED, ChangeKind.REKEYED):
+                continue
+            # Until the channel's CTID_CALL_ID is seen, the call is keyed by its Linkedid:
+            # the Uniqueid the Originate gave it (``<attempt>.agent``).
+            callback_id = self._attempts.get(change.call_id.removesuffix(".agent"))
+            if callback_id is None:
+                continue
+            record = self._callbacks.get(callback_id)
+            if record is not None:
+                with contextlib.suppress(LookupError):
+                    self._model.annotate(change.call_id, tenant=record.tenant, data={
+                        "queue": record.queue, "priority": record.priority,
+                        "enqueued_at": round(record.enqueued_at, 3), "callback_id": record.id})
 
     async def _recover(self, session: AGISession, call_id: str) -> Waiting | None:
         """A call in ``[ctid-hold]`` that this ctid does not know (it restarted): rebuild
@@ -341,6 +741,9 @@ class Dispatcher:
 
     async def _offer(self, offer: Offer) -> None:
         waiting = self._calls.get(offer.call_id)
+        if waiting is not None and waiting.callback:
+            await self._offer_callback(offer, waiting)
+            return
         call = self._model.get(offer.call_id)
         if waiting is None or call is None or not call.active:
             self.router.dequeue(offer.call_id)
@@ -416,9 +819,15 @@ class Dispatcher:
         if event.name == "DeviceStateChange":
             self._device_state(event.get("Device") or "", event.get("State") or "")
             return
-        if event.name != "UserEvent" or not event.may_contain("CtidConnect"):
+        if event.name != "UserEvent":
             return
-        if event.get("UserEvent") != "CtidConnect":
+        if event.may_contain("CtidCallback") and event.get("UserEvent") == "CtidCallback":
+            callback_id = self._attempts.get(event.get("CallID") or "")
+            waiting = self._calls.get(callback_id) if callback_id is not None else None
+            if waiting is not None and waiting.callback and waiting.attempt_call == event.get("CallID"):
+                self._callback_outcome(waiting, event.get("DialStatus") or "")
+            return
+        if not event.may_contain("CtidConnect") or event.get("UserEvent") != "CtidConnect":
             return
         call_id = event.get("CallID") or ""
         status = event.get("DialStatus") or ""
@@ -445,8 +854,17 @@ class Dispatcher:
             if waiting is None and change.old_call_id:
                 waiting = self._calls.get(change.old_call_id)
             if waiting is None:
-                continue
+                callback_id = self._attempts.get(change.call_id)
+                waiting = self._calls.get(callback_id) if callback_id is not None else None
+                if waiting is None or waiting.attempt_call != change.call_id:
+                    if change.kind is ChangeKind.ENDED:
+                        self._attempts.pop(change.call_id, None)
+                    continue
+            elif waiting.callback:
+                continue  # a callback is reached only through its attempt's call id
             if change.kind is ChangeKind.ANSWERED and waiting.agent_id is not None and not waiting.answered:
+                if waiting.callback:
+                    self._callback_answered(waiting)
                 waiting.answered = True
                 with contextlib.suppress(RouterError):
                     self.router.offer_done(waiting.call_id, waiting.agent_id, answered=True)
@@ -466,6 +884,26 @@ class Dispatcher:
                 self._ended(waiting, change.call)
 
     def _ended(self, waiting: Waiting, call: Call) -> None:
+        if waiting.attempt_call is not None:
+            self._attempts.pop(waiting.attempt_call, None)
+        if waiting.callback and not waiting.answered:
+            if self._calls.get(waiting.call_id) is not waiting:
+                return  # the failed attempt was handled at its CtidCallback
+            if waiting.outcome is None:
+                # No answer and no CtidCallback outcome: the agent did not take the
+                # Originate (or hung up before the customer answered).
+                self._callback_rona(waiting, "agent_no_answer")
+                return
+            # CtidCallback said ANSWER but the bridge was never seen: done, the agent is free.
+            agent_id, waiting.agent_id = waiting.agent_id, None
+            del self._calls[waiting.call_id]
+            self.router.dequeue(waiting.call_id)
+            if agent_id is not None:
+                with contextlib.suppress(AgentStateError):
+                    self._agents.release(agent_id, waiting.call_id)
+            self._callback_answered(waiting)
+            self._kick()
+            return
         self._calls.pop(waiting.call_id, None)
         rules = self.rules.get(waiting.queue)
         if not waiting.answered:
@@ -688,6 +1126,9 @@ class Dispatcher:
             self._enqueue(expiry.call_id, target.queue, waiting.tenant, waiting.channel, waiting.priority,
                           waiting.enqueued_at, reason="overflow")
             return
+        if target is not None and target.kind == "callback" and self._overflow_to_callback(waiting):
+            self._exits[expiry.call_id] = "release"
+            return
         route = _route_for(target.kind) if target is not None else "fallback"
         self._calls.pop(expiry.call_id, None)
         self._exits[expiry.call_id] = route
@@ -696,9 +1137,28 @@ class Dispatcher:
                  route=route)
 
 
+    def _overflow_to_callback(self, waiting: Waiting) -> bool:
+        """Overflow (or max wait) to ``callback``: the caller ID becomes the callback
+        number, the caller is released at the next check-in. False: the number may not
+        be called back (the call goes to the native fallback queue)."""
+        call = self._model.get(waiting.call_id)
+        try:
+            number = self.policy.check(call.caller_number or "" if call is not None else "")
+        except DialNumberRejected as exc:
+            self.callbacks_refused += 1
+            log.warning("acd.callback_refused", call_id=waiting.call_id, queue=waiting.queue, reason=exc.reason)
+            return False
+        if self._callback_config(waiting.queue) is None:
+            return False
+        record = self._new_callback(waiting, number)
+        self._spawn(self.callbacks.add(record), f"callback-add-{record.id}")
+        self._to_callback(waiting, record, reason="overflow")
+        return True
+
+
 def _route_for(kind: TargetKind) -> str:
-    """The ``CTID_ROUTE`` for a target that is not a ctid queue. Callback in queue is not
-    built yet: such a call is served by the native fallback queue instead (logged)."""
+    """The ``CTID_ROUTE`` for a target that is not a ctid queue. A callback whose number
+    cannot be called back is served by the native fallback queue instead (logged)."""
     return {"voicemail": "voicemail", "hangup": "release"}.get(kind, "fallback")
 
 

@@ -15,6 +15,10 @@ Provisioning (revision 0002; the repository is :mod:`ctid.store.provisioning`):
 ``agents`` with their ``agent_skills``, ``queues`` (their routing options are
 one JSON document that :class:`ctid.config.QueueConfig` validates), the
 ``skills`` catalogue, and the ``audit_log`` of every change made to them.
+
+Callback in queue (revision 0003; the repository is :mod:`ctid.acd.callbacks`):
+``callbacks``, one row per number a waiting caller left, with its place in the queue
+(the original ``enqueued_at``), its attempts and its state.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from ctid.store.types import UTCDateTime
 
 __all__ = [
+    "CALLBACK_STATES",
     "CALL_DIRECTIONS",
     "NAMING_CONVENTION",
     "SOURCES",
@@ -49,6 +54,7 @@ __all__ = [
     "Base",
     "Call",
     "CallLeg",
+    "Callback",
     "EventOutbox",
     "Meta",
     "ProvisionedAgent",
@@ -278,3 +284,34 @@ class AuditEntry(Base):
     entity_id: Mapped[str] = mapped_column(String(SKILL_LEN))
     before: Mapped[dict[str, Any] | None] = mapped_column(NullableJSONDocument)
     after: Mapped[dict[str, Any] | None] = mapped_column(NullableJSONDocument)
+
+
+#: The states of a callback (``callbacks.state``).
+CALLBACK_STATES: tuple[str, ...] = ("waiting", "dialing", "done", "failed", "expired")
+
+
+class Callback(Base):
+    """A callback in queue: the caller left ``number`` and hung up; ctid calls back when
+    their turn comes. ``enqueued_at`` is the original call's enqueue time (the place in
+    the queue); ``next_attempt_at`` is when it may be offered again after a failure."""
+
+    __tablename__ = "callbacks"
+    __table_args__ = (
+        CheckConstraint("state IN ('waiting', 'dialing', 'done', 'failed', 'expired')", name="state"),
+        CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
+        Index("ix_callbacks_state", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(CALL_ID_LEN), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(NAME_LEN))
+    queue: Mapped[str] = mapped_column(String(NAME_LEN))
+    call_id: Mapped[str] = mapped_column(String(CALL_ID_LEN))
+    number: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer)
+    enqueued_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    state: Mapped[str] = mapped_column(String(16))
+    last_status: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
