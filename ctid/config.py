@@ -431,6 +431,23 @@ class StickyConfig(_Section):
     """How long the call waits for that agent before any eligible agent may take it."""
 
 
+class CallbackConfig(_Section):
+    """``[queues.callback]``: callback in queue. A waiting caller who presses ``dtmf`` at
+    a hold check-in (or overflows to ``callback``) leaves their caller ID as the number
+    to call back and hangs up, keeping their place; ctid calls back when their turn
+    comes (``ctid.acd.callbacks``)."""
+
+    enabled: bool = False
+    dtmf: Annotated[str, Field(pattern=r"^[0-9*#]$")] = "1"
+    """The key offered at each hold check-in."""
+    attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    """Calls to the customer before the callback fails."""
+    retry_s: Annotated[float, Field(ge=1, le=86400)] = 120.0
+    """Seconds between a failed attempt and the next."""
+    expiry_s: Annotated[float, Field(ge=10, le=7 * 86400)] = 3600.0
+    """A callback not served this many seconds after it was left expires."""
+
+
 class OverflowConfig(_Section):
     """Send the call elsewhere once it has waited ``after_s`` **or** its EWT is at least
     ``ewt_s`` (whichever happens first; at least one must be set)."""
@@ -470,6 +487,8 @@ class QueueConfig(_Section):
     vip_priority: Annotated[int, Field(ge=0, le=9)] = 9
     sticky: StickyConfig | None = None
     overflow: OverflowConfig | None = None
+    callback: CallbackConfig = Field(default_factory=CallbackConfig)
+    """Callback in queue (off unless ``enabled``)."""
     max_wait_s: Annotated[float, Field(gt=0, le=86400)] | None = None
     max_wait_action: Target = "voicemail"
     max_queue_length: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
@@ -555,6 +574,20 @@ class DialingConfig(_Section):
         return self
 
 
+class AcdConfig(_Section):
+    """``[acd]``: the ACD's link to the native fail-open queue (``asterisk-conf/queues.conf``).
+
+    ``sync_fallback_members``: while ctid runs, it keeps the members of the native queue
+    ``fallback_queue`` equal to the devices of its logged-in agents, over AMI
+    (``QueueAdd``/``QueueRemove``/``QueuePause``, :mod:`ctid.acd.fallback`); off (the
+    default), the static ``member =>`` lines the admin maintains in ``queues.conf`` are
+    the members. ``fallback_queue`` must match the dialplan's ``CTID_FALLBACK_QUEUE``.
+    """
+
+    sync_fallback_members: bool = False
+    fallback_queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")] = "ctid-fallback"
+
+
 class Config(_Section):
     instance: InstanceConfig = InstanceConfig()
     log: LogConfig = LogConfig()
@@ -574,6 +607,7 @@ class Config(_Section):
     queues: list[QueueConfig] = Field(default_factory=list)
     simulator: SimulatorConfig = SimulatorConfig()
     dialing: DialingConfig = DialingConfig()
+    acd: AcdConfig = AcdConfig()
 
     @model_validator(mode="after")
     def _references(self) -> Config:
