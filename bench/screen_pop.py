@@ -29,7 +29,27 @@ publisher fell behind, and the daemon's warnings (its info log goes to a temp fi
 ``--broker-nodelay`` runs mosquitto with ``set_tcp_nodelay true`` (off by default) for
 comparison.
 
-Run: ``.venv/bin/python bench/screen_pop.py [--rate 200] [--seconds 10] [--hold 1]``
+**ACD mode** (the default; ``--no-acd`` runs the bench's own trigger above instead): the
+service line goes to a ctid queue, ``--agents`` agents (default 50) are logged in over the
+REST API before the run, and the ACD makes every offer, as in production: ``call.queued``
+at the FastAGI ``inbound`` script, match, reserve, ``call.offered`` through
+``publish_and_wait``, then ``Setvar`` + ``Redirect`` to ``[ctid-connect]``, which
+``Dial``s the agent's device. Agents answer after 20 ms and hang up after ``--talk`` s
+(default 0.1), so at 200 calls/s about 30 of 50 agents are busy and calls do not pile
+up; callers stay until the agent hangs up (Dial option ``g``: ``[ctid-connect]`` then
+hangs the caller up). ``t0`` is when ctid publishes the event that makes the offer: the
+later of the call's ``call.queued`` and the offered agent's last ``agent.state`` ready
+(a bus sink of the bench's own watches them; no event is published by the bench).
+
+Also in ACD mode, the **lead of the pop over the ring**: for every call, the
+simulator's execution of ``Dial`` to the agent (its ``DialBegin`` whose destination is
+an agent device, stamped where the simulator runs) minus the pop's receipt by the MQTT
+subscriber and by the websocket client. The simulator usually runs in a child process,
+so both sides stamp with ``time.time()`` (the same host clock; ``perf_counter`` values
+cannot be compared across processes); it must be positive for every call. Printed as
+min/p50 per path and as ``RESULT pop_leads_dial_min_ms``.
+
+Run: ``.venv/bin/python bench/screen_pop.py [--rate 200] [--seconds 10] [--hold 1] [--no-acd]``
 """
 
 from __future__ import annotations
@@ -63,6 +83,7 @@ import aiomqtt  # noqa: E402
 
 from ctid import logs  # noqa: E402
 from ctid.app import Daemon  # noqa: E402
+from ctid.asterisk.ami_protocol import Message  # noqa: E402
 from ctid.calls import CHANNELVARS, Call  # noqa: E402
 from ctid.config import Config, parse  # noqa: E402
 from ctid.events.calls import call_data  # noqa: E402
@@ -78,7 +99,28 @@ TOPIC = "ctid/v1/acme/calls/+"
 DIALPLAN = ROOT / "dialplans" / "ctid.conf"
 
 
-def make_config(tmp: Path, mqtt_port: int, ami_port: int, agi_port: int) -> Config:
+def agent_ids(count: int) -> list[str]:
+    return [str(1001 + n) for n in range(count)]
+
+
+def make_config(tmp: Path, mqtt_port: int, ami_port: int, agi_port: int, *, acd: bool = False,
+                agents: int = 1) -> Config:
+    if acd:  # the service line goes to a ctid queue and the ACD offers every call
+        return parse({
+            "instance": {"id": "ctid-bench"},
+            "database": {"url": f"sqlite+aiosqlite:///{tmp / 'bench.db'}"},
+            "mqtt": {"host": "127.0.0.1", "port": mqtt_port},
+            "agi": {"port": agi_port},
+            "http": {"port": 0},
+            "asterisk": [{"id": "sim", "port": ami_port, "secret": SECRET}],
+            "tenants": [{"id": "acme"}],
+            "service_lines": [{"id": "acme-support", "tenant": "acme", "dnis": ["200"], "recording": "always",
+                               "queue": "support"}],
+            "agents": [{"id": a, "tenant": "acme", "name": f"Agent {a}"} for a in agent_ids(agents)],
+            "queues": [{"id": "support", "tenant": "acme", "wrapup_s": 0, "ring_timeout_s": 10}],
+            "tokens": [{"name": "boss", "role": "supervisor", "tenant": "acme",
+                        "token_sha256": hashlib.sha256(SUPERVISOR.encode()).hexdigest()}],
+        }, env={})
     return parse({
         "instance": {"id": "ctid-bench"},
         "database": {"url": f"sqlite+aiosqlite:///{tmp / 'bench.db'}"},
@@ -154,6 +196,34 @@ class Trigger:
             self.first_offer = result.event.envelope()
 
 
+@dataclass
+class OfferClock:
+    """ACD mode: a bus sink that only watches. ``t0`` of a call is when ctid published the
+    event that made its offer: the later of the call's ``call.queued`` and the offered
+    agent's last ``agent.state`` ready (perf_counter, at publish)."""
+
+    name: str = "bench-offer-clock"
+    queued: dict[str, float] = field(default_factory=dict)
+    ready: dict[str, float] = field(default_factory=dict)
+    t0: dict[str, float] = field(default_factory=dict)
+    offers: int = 0
+    first_offer: dict[str, Any] | None = None
+
+    def offer(self, event: Event, payload: str) -> Awaitable[None] | None:
+        now = time.perf_counter()
+        if event.type == "call.queued" and event.call_id is not None:
+            self.queued[event.call_id] = now
+        elif event.type == "agent.state" and event.agent_id is not None and event.data.get("state") == "ready":
+            self.ready[event.agent_id] = now
+        elif event.type == "call.offered" and event.call_id is not None:
+            self.offers += 1
+            trigger = max(self.queued.get(event.call_id, now), self.ready.get(event.agent_id or "", 0.0))
+            self.t0.setdefault(event.call_id, trigger)
+            if self.first_offer is None:
+                self.first_offer = event.envelope()
+        return None
+
+
 def offered_data(call: Call, now: datetime) -> dict[str, Any]:
     first = call.legs[0]
     data = call_data(call)
@@ -213,16 +283,49 @@ async def mqtt_round_trips(port: int, rate: float, count: int, payload_size: int
     return got
 
 
-def make_sim(port: int = 0, agi_port: int | None = None) -> Simulator:
+@dataclass
+class DialClock:
+    """When the simulator executed ``Dial`` to an agent: the first ``DialBegin`` of each
+    call (``ChanVariable: CTID_CALL_ID=...`` of the caller) whose destination is an agent
+    device, stamped with ``time.time()`` as the simulator emits it."""
+
+    agents: frozenset[str]
+    at: dict[str, float] = field(default_factory=dict)
+
+    def install(self, sim: Simulator) -> None:
+        emit = sim.pbx._emit
+
+        def spy(msg: Message) -> None:
+            if msg.name == "DialBegin":
+                dest = (msg.get("DestChannel") or "").partition("/")[2].rpartition("-")[0]
+                if dest in self.agents:
+                    call_id = next((v.partition("=")[2] for v in msg.get_all("ChanVariable")
+                                    if v.startswith("CTID_CALL_ID=")), "")
+                    if call_id:
+                        self.at.setdefault(call_id, time.time())
+            emit(msg)
+
+        sim.pbx._emit = spy
+
+
+def make_sim(port: int = 0, agi_port: int | None = None, *, agents: int = 0,
+             talk: float = 0.1) -> tuple[Simulator, DialClock]:
+    endpoints = {"trunk": Endpoint("trunk", context="ctid-inbound", ring_s=0.0)}
+    for agent in agent_ids(agents):
+        endpoints[agent] = Endpoint(agent, context="from-agents", callerid_num=agent, callerid_name=f"Agent {agent}",
+                                    ring_s=0.02, hangup_after=talk)
     sim = Simulator(dialplan=DIALPLAN, users={"ctid": SECRET}, channelvars=CHANNELVARS, time_scale=1.0,
-                    endpoints={"trunk": Endpoint("trunk", context="ctid-inbound", ring_s=0.0)},
-                    queues={"ctid-fallback": QueueConfig("ctid-fallback", members=[])}, port=port)
+                    endpoints=endpoints, queues={"ctid-fallback": QueueConfig("ctid-fallback", members=[])},
+                    port=port)
     if agi_port is not None:
         sim.pbx.agi_address = ("127.0.0.1", agi_port)
-    return sim
+    dials = DialClock(frozenset(agent_ids(agents)))
+    if agents:
+        dials.install(sim)
+    return sim, dials
 
 
-async def drive(sim: Simulator, rate: float, seconds: float, hold: float) -> tuple[int, float, list[float]]:
+async def drive(sim: Simulator, rate: float, seconds: float, hold: float | None) -> tuple[int, float, list[float]]:
     """Offer ``rate`` calls/s for ``seconds`` s, paced on the loop clock; (calls, elapsed s,
     the simulator loop's lateness per tick in ms). ``sim.events`` (every AMI event, kept
     for tests) is emptied as it goes: left to grow, its garbage-collection pauses made the
@@ -252,15 +355,16 @@ class InProcessPBX:
 
     def __init__(self, args: argparse.Namespace, agi_port: int) -> None:
         self.args = args
-        self.sim = make_sim(agi_port=agi_port)
+        self.sim, self.dials = make_sim(agi_port=agi_port, agents=args.agents if args.acd else 0, talk=args.talk)
         self.cpu_s = 0.0
+        self.dial_at: dict[str, float] = self.dials.at
 
     async def start(self) -> int:
         await self.sim.start()
         return self.sim.ami_port
 
     async def run(self) -> tuple[int, float, list[float]]:
-        return await drive(self.sim, self.args.rate, self.args.seconds, self.args.hold)
+        return await drive(self.sim, self.args.rate, self.args.seconds, None if self.args.acd else self.args.hold)
 
     async def stop(self) -> None:
         async with asyncio.timeout(30):
@@ -276,6 +380,7 @@ class ChildPBX:
         self.agi_port = agi_port
         self.proc: asyncio.subprocess.Process | None = None
         self.cpu_s = 0.0
+        self.dial_at: dict[str, float] = {}
 
     async def _line(self, timeout: float) -> list[str]:
         assert self.proc is not None and self.proc.stdout is not None
@@ -294,6 +399,7 @@ class ChildPBX:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--sim-child", "--ami-port", str(ami_port), "--agi-port", str(self.agi_port),
             "--rate", str(self.args.rate), "--seconds", str(self.args.seconds), "--hold", str(self.args.hold),
+            "--acd" if self.args.acd else "--no-acd", "--agents", str(self.args.agents), "--talk", str(self.args.talk),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 22)
         words = await self._line(30)
         assert words == ["ready"], words
@@ -310,9 +416,13 @@ class ChildPBX:
             return
         with contextlib.suppress(Exception):
             await self._say("stop")
-            words = await self._line(30)
-            if words and words[0] == "cpu":
-                self.cpu_s = float(words[1])
+            while True:
+                words = await self._line(30)
+                if words and words[0] == "dials":
+                    self.dial_at = json.loads(words[1])
+                if words and words[0] == "cpu":
+                    self.cpu_s = float(words[1])
+                    break
         try:
             await asyncio.wait_for(self.proc.wait(), 30)
         except TimeoutError:
@@ -323,7 +433,8 @@ class ChildPBX:
 async def sim_child(args: argparse.Namespace) -> int:
     """``--sim-child``: serve AMI on ``--ami-port``; on "go" offer the calls, print "done N s"."""
     loop = asyncio.get_running_loop()
-    sim = make_sim(port=args.ami_port, agi_port=args.agi_port)
+    sim, dials = make_sim(port=args.ami_port, agi_port=args.agi_port, agents=args.agents if args.acd else 0,
+                          talk=args.talk)
     await sim.start()
     gc.freeze()  # the simulator's start-up objects are never collected: shorter pauses
     print("ready", flush=True)
@@ -331,12 +442,13 @@ async def sim_child(args: argparse.Namespace) -> int:
         await sim.stop()
         return 1
     cpu0 = time.process_time()
-    count, elapsed, lags = await drive(sim, args.rate, args.seconds, args.hold)
+    count, elapsed, lags = await drive(sim, args.rate, args.seconds, None if args.acd else args.hold)
     print(f"done {count} {elapsed:.3f} {json.dumps([round(x, 2) for x in lags], separators=(',', ':'))}",
           flush=True)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), 120)
     cpu = time.process_time() - cpu0
+    print(f"dials {json.dumps(dials.at, separators=(',', ':'))}", flush=True)
     with contextlib.suppress(Exception):
         async with asyncio.timeout(30):
             await sim.stop()
@@ -443,12 +555,16 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
     agi_port = free_port()
     pbx: InProcessPBX | ChildPBX = InProcessPBX(args, agi_port) if args.sim_in_process else ChildPBX(args, agi_port)
     ami_port = await pbx.start()
-    daemon = Daemon(make_config(tmp, mqtt_port, ami_port, agi_port))
+    daemon = Daemon(make_config(tmp, mqtt_port, ami_port, agi_port, acd=args.acd, agents=args.agents))
     trigger = Trigger(daemon)
+    clock = OfferClock()
+    sink: Trigger | OfferClock = clock if args.acd else trigger
     probe = LagProbe()
     gc_pauses = GcPauses()
     mqtt_recv: dict[str, float] = {}
     ws_recv: dict[str, float] = {}
+    mqtt_wall: dict[str, float] = {}  # time.time() of the receipts, for the lead over the Dial
+    ws_wall: dict[str, float] = {}
     ws_ok = True
     try:
         await daemon.start()
@@ -462,7 +578,7 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
         size = len(sample.to_json())
         idle = await mqtt_round_trips(mqtt_port, args.rate, int(args.rate * 3), size, "idle")
 
-        daemon.bus.add_sink(trigger)
+        daemon.bus.add_sink(sink)
         async with (aiomqtt.Client("127.0.0.1", mqtt_port, identifier="bench-crm") as sub,
                     aiohttp.ClientSession() as http,
                     http.ws_connect(f"http://127.0.0.1:{daemon.api.port}/ws",
@@ -471,13 +587,23 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
             await ws.send_json({"op": "subscribe", "req_id": 1})
             ack = await ws.receive_json(timeout=5)
             assert ack.get("type") == "ack", ack
+            if args.acd:  # every agent logs in to its phone, over the REST API, before the run
+                auth = {"Authorization": f"Bearer {SUPERVISOR}"}
+                for agent in agent_ids(args.agents):
+                    async with http.post(f"http://127.0.0.1:{daemon.api.port}/api/v1/agents/{agent}/login",
+                                         json={"device": f"PJSIP/{agent}"}, headers=auth) as r:
+                        assert r.status == 200, await r.text()
+                ready = sum(1 for a in agent_ids(args.agents) if daemon.agents.get(a).state.value == "ready")
+                assert ready == args.agents, f"{ready} of {args.agents} agents ready"
 
             async def read_mqtt() -> None:
                 async for message in sub.messages:
                     now = time.perf_counter()
                     raw = message.payload
                     if isinstance(raw, bytes) and b'"type":"call.offered"' in raw:
-                        mqtt_recv.setdefault(json.loads(raw)["call_id"], now)
+                        call_id = json.loads(raw)["call_id"]
+                        mqtt_recv.setdefault(call_id, now)
+                        mqtt_wall.setdefault(call_id, time.time())
 
             async def read_ws() -> None:
                 nonlocal ws_ok
@@ -487,7 +613,9 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
                         ws_ok = False
                         return
                     if '"type":"call.offered"' in frame.data:
-                        ws_recv.setdefault(json.loads(frame.data)["call_id"], now)
+                        call_id = json.loads(frame.data)["call_id"]
+                        ws_recv.setdefault(call_id, now)
+                        ws_wall.setdefault(call_id, time.time())
                 ws_ok = False  # the server closed us
 
             readers = [asyncio.create_task(read_mqtt()), asyncio.create_task(read_ws()),
@@ -501,7 +629,7 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 15
             def waiting() -> bool:
-                return len(trigger.t0) < calls or len(mqtt_recv) < len(trigger.t0) or len(ws_recv) < len(trigger.t0)
+                return len(sink.t0) < calls or len(mqtt_recv) < len(sink.t0) or len(ws_recv) < len(sink.t0)
 
             while loop.time() < deadline and waiting():  # noqa: ASYNC110 - bounded poll of the readers' counters
                 await asyncio.sleep(0.05)
@@ -514,43 +642,59 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
             if trigger.tasks:
                 await asyncio.wait(set(trigger.tasks), timeout=5)
     finally:
-        daemon.bus.remove_sink(trigger)
+        daemon.bus.remove_sink(sink)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(60):
                 await daemon.stop()
         with contextlib.suppress(Exception):
             await pbx.stop()
 
-    t0 = trigger.t0
+    t0 = sink.t0
     mqtt_ms = [(mqtt_recv[c] - t0[c]) * 1000 for c in t0 if c in mqtt_recv]
     ws_ms = [(ws_recv[c] - t0[c]) * 1000 for c in t0 if c in ws_recv]
     returned = list(trigger.returned.values())
-    warnings = _count_log_events(log_path)
+    warnings, examples = _count_log_events(log_path)
 
     where = "in this process" if args.sim_in_process else f"a child process (cpu {pbx.cpu_s:.1f} s)"
     print(f"simulator ({where}): {calls} calls offered in {offered_elapsed:.2f} s = "
           f"{calls / offered_elapsed:.1f} calls/s (asked {args.rate:g}/s for {args.seconds:g} s, "
-          f"each caller hangs up after {args.hold:g} s)")
+          + (f"{args.agents} agents logged in, each answers after 20 ms and hangs up after {args.talk:g} s)"
+             if args.acd else f"each caller hangs up after {args.hold:g} s)"))
     print(f"simulator pacing lateness: {summary(sim_lags)}")
-    print(f"ctid identified {len(t0)} of them (call.started -> trigger); this process used "
-          f"{cpu_share * 100:.0f} % of a core (daemon + receivers + bench)")
-    print(f"call.offered: {len(returned)} published, {trigger.undelivered} not delivered within the "
-          f"publish_and_wait bound, {trigger.no_call} calls gone before the offer; missing: "
-          f"mqtt {len(t0) - len(mqtt_ms)}, websocket {len(t0) - len(ws_ms)}; websocket stayed open: {ws_ok}")
-    if trigger.first_offer is not None:
+    if args.acd:
+        print(f"ctid's ACD offered {len(t0)} of them ({clock.offers} offers: call.queued/ready -> match -> "
+              f"reserve -> call.offered -> Redirect -> Dial); this process used "
+              f"{cpu_share * 100:.0f} % of a core (daemon + receivers + bench)")
+        print(f"call.offered missing: mqtt {len(t0) - len(mqtt_ms)}, websocket {len(t0) - len(ws_ms)}; "
+              f"websocket stayed open: {ws_ok}")
+    else:
+        print(f"ctid identified {len(t0)} of them (call.started -> trigger); this process used "
+              f"{cpu_share * 100:.0f} % of a core (daemon + receivers + bench)")
+        print(f"call.offered: {len(returned)} published, {trigger.undelivered} not delivered within the "
+              f"publish_and_wait bound, {trigger.no_call} calls gone before the offer; missing: "
+              f"mqtt {len(t0) - len(mqtt_ms)}, websocket {len(t0) - len(ws_ms)}; websocket stayed open: {ws_ok}")
+    first_offer = clock.first_offer if args.acd else trigger.first_offer
+    if first_offer is not None:
         from ctid.events.contract import validate
 
-        validate(trigger.first_offer, strict=True)
+        validate(first_offer, strict=True)
         print("the first call.offered validates (strict) against docs/schema")
     print(f"event loop lag (10 ms probe): {summary(probe.lags)}; MQTT publisher at most "
           f"{probe.backlog} events behind the bus")
     print(f"garbage collection in this process while calls were offered: {gc_pauses.describe()}")
     print("daemon warnings: " + (", ".join(f"{k} x{v}" for k, v in sorted(warnings.items())) or "none"))
-    print("latency from t0 (call.started leaves the bus, while ctid ingests the identifying AMI event):")
+    for name, line in sorted(examples.items()):
+        if name != "events.publish_wait_timed_out":
+            print(f"  first {name}: {line[:400]}")
+    if args.acd:
+        print("latency from t0 (ctid publishes the call.queued or agent ready that makes the offer):")
+    else:
+        print("latency from t0 (call.started leaves the bus, while ctid ingests the identifying AMI event):")
     print(f"  mqtt subscriber receives call.offered  : {summary(mqtt_ms)}")
     print(f"  websocket client receives call.offered : {summary(ws_ms)}")
-    print(f"  publish_and_wait returned              : {summary(returned)}")
-    print(f"  publish_and_wait alone (PUBACK + hub)  : {summary(trigger.wait_only)}")
+    if not args.acd:
+        print(f"  publish_and_wait returned              : {summary(returned)}")
+        print(f"  publish_and_wait alone (PUBACK + hub)  : {summary(trigger.wait_only)}")
     print(f"baseline, bare aiomqtt QoS 1 publish -> subscriber, {size}-byte payload, same broker and process:")
     print(f"  idle, before the run, {args.rate:g} msg/s       : {summary(idle)}")
     print(f"  during the run, 20 msg/s             : {summary(loaded)}")
@@ -563,21 +707,53 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
         print("incomplete: some calls were not identified or some pops not received: status is missed")
     met = complete and worst <= TARGET_MS
     print(f"load average at the end (2 cores shared): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.acd:
+        lead_line(t0, pbx.dial_at, mqtt_wall, ws_wall, complete)
     value = f"{worst:.2f}" if math.isfinite(worst) else "nan"
     print(f"RESULT screen_pop_p99_ms value={value} unit=ms target=<={TARGET_MS:g} "
           f"status={'met' if met else 'missed'}")
     return 0
 
 
-def _count_log_events(path: Path) -> dict[str, int]:
+def lead_line(t0: dict[str, float], dial_at: dict[str, float], mqtt_wall: dict[str, float],
+              ws_wall: dict[str, float], complete: bool) -> None:
+    """How far each pop's receipt leads the simulator's Dial to the agent (time.time()
+    on both sides: the same host clock, across the two processes)."""
+    no_dial = sum(1 for c in t0 if c not in dial_at)
+    leads = {"mqtt": [(dial_at[c] - mqtt_wall[c]) * 1000 for c in t0 if c in dial_at and c in mqtt_wall],
+             "websocket": [(dial_at[c] - ws_wall[c]) * 1000 for c in t0 if c in dial_at and c in ws_wall]}
+    print("pop receipt leads the simulator's Dial to the agent (DialBegin to an agent device; time.time() in "
+          "both processes, same host clock):")
+    for path, values in leads.items():
+        if values:
+            behind = sum(1 for v in values if v <= 0)
+            print(f"  {path:9s}: n={len(values):5d}  min={min(values):7.2f}  p50={pct(values, 50):7.2f}  "
+                  f"max={max(values):7.2f} ms; at or after the Dial: {behind}")
+        else:
+            print(f"  {path:9s}: no samples")
+    every = [v for values in leads.values() for v in values]
+    if no_dial:
+        print(f"  {no_dial} offered call(s) with no Dial to an agent recorded")
+    lead_min = min(every) if every else math.nan
+    met = (complete and not no_dial and every and lead_min > 0
+           and all(len(values) == len(t0) for values in leads.values()))
+    print(f"  positive for every call: {'yes' if met else 'no'}")
+    value = f"{lead_min:.2f}" if math.isfinite(lead_min) else "nan"
+    print(f"RESULT pop_leads_dial_min_ms value={value} unit=ms target=>0 status={'met' if met else 'missed'}")
+
+
+def _count_log_events(path: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """The daemon's warnings and errors by event name, and the first line of each."""
     counts: dict[str, int] = {}
+    examples: dict[str, str] = {}
     with path.open() as fh:
         for line in fh:
             if '"level": "warning"' in line or '"level": "error"' in line:
                 with contextlib.suppress(ValueError):
                     name = re.sub(r"\d+", "N", str(json.loads(line).get("event")))
                     counts[name] = counts.get(name, 0) + 1
-    return counts
+                    examples.setdefault(name, line.strip())
+    return counts, examples
 
 
 def main() -> None:
@@ -589,6 +765,10 @@ def main() -> None:
                     help="run the simulator on the daemon's event loop instead of a child process")
     ap.add_argument("--broker-nodelay", action="store_true",
                     help="run mosquitto with set_tcp_nodelay true (default: mosquitto's default, false)")
+    ap.add_argument("--acd", action=argparse.BooleanOptionalAction, default=True,
+                    help="agents logged in, the ACD makes the offers (default); --no-acd: the bench's own trigger")
+    ap.add_argument("--agents", type=int, default=50, help="ACD mode: agents logged in")
+    ap.add_argument("--talk", type=float, default=0.1, help="ACD mode: seconds each agent talks before hanging up")
     ap.add_argument("--sim-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ami-port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--agi-port", type=int, default=0, help=argparse.SUPPRESS)

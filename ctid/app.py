@@ -22,6 +22,10 @@ an AMI login rejection is fatal (:class:`DaemonFailed`).
 One :class:`CallModel` per Asterisk link: channel names and Uniqueids are only unique
 within one Asterisk. Call ids (``CTID_CALL_ID``, set by ctid) are global.
 
+With ``[acd] sync_fallback_members``, :class:`~ctid.acd.fallback.FallbackSync` also takes
+every ``agent.state`` event and each AMI login, and keeps the native fail-open queue's
+members equal to the logged-in agents (``QueueAdd``/``QueueRemove``/``QueuePause``).
+
 Until the IVR and ACD issues land, the ``inbound`` FastAGI script identifies the call
 (``__CTID_CALL_ID``, ``__CTID_TENANT``, ``__CTID_SERVICE_LINE``) and hands it to the
 native fallback queue with ``CTID_ROUTE=fallback`` (see ``dialplans/ctid.conf``).
@@ -45,6 +49,7 @@ from prometheus_client import CollectorRegistry
 
 from ctid.acd.control import CallControl
 from ctid.acd.dispatcher import Dispatcher
+from ctid.acd.fallback import FallbackSync
 from ctid.agents import AgentRegistry
 from ctid.api.server import ApiServer
 from ctid.asterisk.agi import AGIError, AGISession, FastAGIServer
@@ -152,6 +157,12 @@ class Daemon:
         self.control = CallControl(config, client=first.client, model=first.model, dispatcher=self.acd,
                                    agents=self.agents, bus=self.bus, clock=self.clock,
                                    on_changes=lambda changes: self._on_changes(first, changes))
+        # [acd] sync_fallback_members: the native fail-open queue's members follow the
+        # logged-in agents over AMI (ctid.acd.fallback); off, queues.conf's static members.
+        self.fallback: FallbackSync | None = None
+        if config.acd.sync_fallback_members:
+            self.fallback = FallbackSync(client=first.client, agents=self.agents, queue=config.acd.fallback_queue,
+                                         known_endpoints=self.acd.known_endpoints)
         self.api = ApiServer(config, self.bus, self.agents, self._active_calls, self.health, self.metrics,
                              ended_calls=lambda n: self.store.list_calls(active=False, limit=n), clock=self.clock,
                              provisioning=self.provisioning, reload=self.reload,
@@ -189,6 +200,8 @@ class Daemon:
             self._spawn("mqtt", self.mqtt.run())
             await self.crm.start()
             await self.acd.start()
+            if self.fallback is not None:
+                await self.fallback.start()
             await self._listen("FastAGI", self.config.agi.bind, self.config.agi.port, self.agi.start)
             await self._listen("HTTP", self.config.http.bind, self.config.http.port, self.api.start)
         except BaseException:
@@ -236,6 +249,8 @@ class Daemon:
     async def _shutdown(self) -> None:
         """Reverse order of start: no new calls, then no new events, then flush and close."""
         await self.agi.stop()  # FastAGI sessions are closed: Asterisk can free the channels
+        if self.fallback is not None:
+            await self.fallback.stop()  # members stay, unpaused, for the fail-open queue
         for link in self.links.values():
             await link.client.close()  # AMI logs off
         await self._cancel(*(f"ami-{lid}" for lid in self.links))
@@ -378,6 +393,8 @@ class Daemon:
         stamped = self.bus.publish(event)
         if event.type == "agent.state":
             self.acd.on_agent_state(stamped)
+            if self.fallback is not None:
+                self.fallback.on_agent_state(stamped)
             self.queue_stats.refresh(event.ts, event.tenant)
         return stamped
 
@@ -416,11 +433,14 @@ class Daemon:
             self._on_changes(link, changes)
             if link.model is self.control.model:  # the link the ACD runs on
                 await self.acd.on_login(client)  # DeviceStateList: the devices agents may log in to
+                if self.fallback is not None:
+                    self.fallback.on_login()  # QueueStatus: reconcile the fallback queue's members
 
         return resync
 
     def _on_changes(self, link: Link, changes: list[CallChange]) -> None:
         if link.model is self.control.model:
+            self.acd.before_changes(changes)  # callback attempts: the callback's tenant
             self.control.before_changes(changes)  # click-to-dial: the agent's tenant
         self.notifier.on_changes(changes)
         self.acd.on_changes(changes)
