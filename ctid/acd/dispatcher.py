@@ -87,9 +87,10 @@ await :meth:`on_login`, and the API's login takes :meth:`known_endpoints`.
    (called by the app before the call events are built) puts an attempt's call in the
    callback's tenant.
 
-Not built yet (later work of the ACD issue): syncing the native fallback queue's
-members, announcements of position and EWT at the check-in; the day's service-level
-counters are not rebuilt from the call records after a restart.
+Not built yet (later work of the ACD issue): announcements of position and EWT at the
+check-in; the day's service-level counters are not rebuilt from the call records after
+a restart. (The native fallback queue's members can follow the logged-in agents:
+``ctid.acd.fallback``, ``[acd] sync_fallback_members``.)
 """
 
 from __future__ import annotations
