@@ -633,6 +633,11 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
 
             while loop.time() < deadline and waiting():  # noqa: ASYNC110 - bounded poll of the readers' counters
                 await asyncio.sleep(0.05)
+            # And for the offers still in flight to reach their Redirect (and the Dial), so
+            # that stopping the daemon does not cut them: they would count as "no Dial".
+            while loop.time() < deadline and daemon.acd.offers_in_flight:  # noqa: ASYNC110 - bounded
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # the simulator's last Dials, after their Redirects
             cpu_share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
             loaded = await loaded_task
             trigger.active = False

@@ -265,6 +265,11 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    @property
+    def offers_in_flight(self) -> int:
+        """Offers started and not finished (the pop sent, the Setvar/Redirect pending)."""
+        return sum(1 for task in self._tasks if task.get_name().startswith("offer-"))
+
     def update_rules(self, config: Config) -> None:
         """A reload: new and changed queues apply to calls queued from now on; calls
         already waiting keep the rules they were queued with."""
