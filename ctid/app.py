@@ -470,7 +470,7 @@ class Daemon:
         # The dialplan FILTERs the DNIS to digits and '+'; "s" (no DNIS) arrives empty.
         dnis = (session.query.get("dnis") or [""])[0] or "s"
         line = self.config.line_for_dnis(dnis)
-        tenant = line.tenant if line else self.config.tenants[0].id
+        tenant, _ = self._tenant_for_dnis(dnis)
         try:
             existing = await session.get_variable("CTID_CALL_ID")
         except AGIError:

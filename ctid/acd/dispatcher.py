@@ -731,9 +731,13 @@ class Dispatcher:
 
     def _kick(self) -> None:
         """Something changed: match now, and re-arm the timer task."""
+        self._make_offers()
+        self._wake.set()
+
+    def _make_offers(self) -> None:
+        """Carry out the router's decisions: one offer task per (call, agent) pair."""
         for offer in self.router.match():
             self._spawn(self._offer(offer), f"offer-{offer.call_id}")
-        self._wake.set()
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -1114,8 +1118,7 @@ class Dispatcher:
             now = self._now()
             for expiry in self.router.fire_timers(now):
                 self._expired(expiry)
-            for offer in self.router.match():
-                self._spawn(self._offer(offer), f"offer-{offer.call_id}")
+            self._make_offers()
 
     def _expired(self, expiry: Expiry) -> None:
         waiting = self._calls.get(expiry.call_id)

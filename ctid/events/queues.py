@@ -36,11 +36,13 @@ from ctid.acd.expr import Expression
 from ctid.agents import AgentRegistry
 from ctid.agents.registry import Agent
 from ctid.config import Config
+from ctid.events.schema import AGENT_STATES
 from ctid.events.stats import StatsSnapshotter
 
 __all__ = ["STATES", "QueueFigures", "QueueStatsFeed", "ServiceLevelDay"]
 
-STATES = ("ready", "reserved", "on_call", "busy", "wrap_up", "paused")
+#: The states agents are counted by: the contract's agent states, less ``logged_out``.
+STATES = tuple(state for state in AGENT_STATES if state != "logged_out")
 
 
 class QueueFigures(Protocol):
