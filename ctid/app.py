@@ -55,19 +55,22 @@ from ctid.api.server import ApiServer
 from ctid.asterisk.agi import AGIError, AGISession, FastAGIServer
 from ctid.asterisk.ami import AMIClient, AMILoginError
 from ctid.asterisk.ami_protocol import Message
-from ctid.asterisk.safety import UnsafeValueError, check_id
+from ctid.asterisk.safety import DialNumberRejected, UnsafeValueError, check_id
 from ctid.calls import Call, CallChange, CallModel, ChangeKind
-from ctid.config import AsteriskConfig, Config, ConfigError, load
+from ctid.config import AsteriskConfig, Config, ConfigError, ServiceLineConfig, load
 from ctid.crm.client import CRMClient
 from ctid.crm.enrich import CallEnricher
 from ctid.events.bus import EventBus
-from ctid.events.calls import CallNotifier
+from ctid.events.calls import CallNotifier, call_data
 from ctid.events.mqtt import MQTTPublisher
 from ctid.events.queues import QueueStatsFeed
 from ctid.events.schema import Event
 from ctid.events.stats import StatsSnapshotter
+from ctid.ivr.model import CallbackNode, QueueNode, TransferNode, VoicemailNode
+from ctid.ivr.runner import FlowError, FlowRunner, IVRRun
 from ctid.store.calls import CallStore
 from ctid.store.db import Database, StoreError
+from ctid.store.ivr import IVRStore
 from ctid.store.meta import get_meta, set_meta
 from ctid.store.provisioning import ProvisioningStore
 from ctid.store.recorder import CallRecorder
@@ -108,6 +111,7 @@ class Daemon:
         self.db = Database(config.database.url)
         self.store = CallStore(self.db.sessions)
         self.recorder = CallRecorder(self.store)
+        self.ivr_store = IVRStore(self.db.sessions)
         self.bus = EventBus(self.db, config=config.events, clock=clock, registry=self.metrics)
         self.notifier = CallNotifier(self.bus.publish, identify_grace=config.events.identify_grace)
         self.mqtt = MQTTPublisher(config.mqtt, instance_id=config.instance.id, bus=self.bus)
@@ -133,7 +137,8 @@ class Daemon:
             )
             self.links[link_config.id] = link
         self.agi = FastAGIServer(
-            config.agi.bind, config.agi.port, {"inbound": self._inbound, "checkin": self._checkin},
+            config.agi.bind, config.agi.port,
+            {"inbound": self._inbound, "checkin": self._checkin, "survey": self._survey},
             env_timeout=config.agi.env_timeout, hangup_grace=config.agi.hangup_grace,
         )
         self._reload_lock = asyncio.Lock()
@@ -163,6 +168,8 @@ class Daemon:
         if config.acd.sync_fallback_members:
             self.fallback = FallbackSync(client=first.client, agents=self.agents, queue=config.acd.fallback_queue,
                                          known_endpoints=self.acd.known_endpoints)
+        self.ivr = FlowRunner(config, publish=self.bus.publish, model=first.model, crm=self.crm, clock=self.clock,
+                              request_callback=self._ivr_callback, record=lambda run: self.ivr_store.add(run.record()))
         self.api = ApiServer(config, self.bus, self.agents, self._active_calls, self.health, self.metrics,
                              ended_calls=lambda n: self.store.list_calls(active=False, limit=n), clock=self.clock,
                              provisioning=self.provisioning, reload=self.reload,
@@ -196,6 +203,7 @@ class Daemon:
                     self.mqtt.resume_after(int(cursor))
                 self._spawn("mqtt-cursor", self._save_mqtt_cursor())
             self._spawn("call-recorder", self.recorder.run())
+            self._spawn("ivr-store", self.ivr_store.run())
             self._spawn("db-monitor", self._monitor_db())
             self._spawn("mqtt", self.mqtt.run())
             await self.crm.start()
@@ -262,13 +270,16 @@ class Daemon:
         await self.crm.close()
         await self.api.stop()  # websockets closed with 1001
         await self.mqtt.stop()  # bounded flush, then retained "offline" on the status topic
-        await self._cancel("mqtt", "mqtt-cursor", "db-monitor", "call-recorder")
+        await self._cancel("mqtt", "mqtt-cursor", "db-monitor", "call-recorder", "ivr-store")
         if self.config.mqtt.enabled:
             with contextlib.suppress(Exception):
                 await set_meta(self.db, MQTT_CURSOR_KEY, str(self.mqtt.last_acked_seq))
         with contextlib.suppress(Exception):
             async with asyncio.timeout(10):
                 await self.recorder.flush()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self.ivr_store.flush()
         await self.bus.stop()  # the outbox is flushed
         await self.db.close()
 
@@ -292,9 +303,13 @@ class Daemon:
             report = await self.provisioning.seed(fresh)
             effective = await self.provisioning.effective_config(fresh)
             self.acd.update_rules(effective)
-            self.config = self.config.model_copy(update={"queues": effective.queues})
-            log.info("ctid.reloaded", queues=len(effective.queues), seeded=str(report))
-            return {"reloaded": True, "queues": [q.id for q in effective.queues], "seed": str(report),
+            # IVR flows and the lines that pick them come from the file (checked together).
+            self.config = self.config.model_copy(update={"queues": effective.queues, "flows": fresh.flows,
+                                                         "service_lines": fresh.service_lines})
+            self.ivr.reconfigure(self.config)
+            log.info("ctid.reloaded", queues=len(effective.queues), flows=len(fresh.flows), seeded=str(report))
+            return {"reloaded": True, "queues": [q.id for q in effective.queues], "flows": sorted(fresh.flows),
+                    "seed": str(report),
                     "note": "agent changes made in the file reach a running ctid through the database"}
 
     async def wait_failed(self) -> str:
@@ -466,7 +481,8 @@ class Daemon:
         await self.acd.checkin(session)
 
     async def _inbound(self, session: AGISession) -> None:
-        """``agi://ctid/inbound?dnis=...``: identify the call, then hand it on."""
+        """``agi://ctid/inbound?dnis=...``: identify the call, then run its line's IVR flow
+        or queue it (``CTID_ROUTE`` tells the dialplan what next)."""
         # The dialplan FILTERs the DNIS to digits and '+'; "s" (no DNIS) arrives empty.
         dnis = (session.query.get("dnis") or [""])[0] or "s"
         line = self.config.line_for_dnis(dnis)
@@ -486,12 +502,112 @@ class Daemon:
                 await session.set_variable("__CTID_TENANT", tenant)
                 if line is not None:
                     await session.set_variable("__CTID_SERVICE_LINE", line.id)
-                route = "fallback"  # no queue for this line (no IVR yet): the native queue serves it
-                if line is not None and line.queue is not None and line.queue in self.acd.rules:
+                route: str | None = "fallback"  # no flow and no queue: the native queue serves it
+                if line is not None and line.flow is not None:
+                    route = await self._run_flow(session, call_id, line, tenant, dnis)
+                elif line is not None and line.queue is not None and line.queue in self.acd.rules:
                     route = await self.acd.enqueue_from_agi(session, call_id, line.queue, tenant)
-                await session.set_variable("CTID_ROUTE", route)
+                if route is not None:
+                    await session.set_variable("CTID_ROUTE", route)
             except (AGIError, UnsafeValueError) as exc:
                 log.warning("agi.inbound_aborted", reason=str(exc))
+
+    async def _run_flow(self, session: AGISession, call_id: str, line: ServiceLineConfig, tenant: str,
+                        dnis: str) -> str | None:
+        """Run the line's flow, then carry out how it ended; the ``CTID_ROUTE`` to set
+        (None: the session is over, nothing to tell the dialplan)."""
+        assert line.flow is not None
+        try:
+            run = await self.ivr.run(session, call_id=call_id, flow_id=line.flow, tenant=tenant,
+                                     service_line=line.id, dnis=None if dnis == "s" else dnis)
+        except FlowError as exc:
+            log.error("ivr.flow_error", flow=line.flow, node=None, error=str(exc))
+            return await self._ivr_fallback(session, call_id, line, tenant)
+        assert run.exit is not None
+        reason, action = run.exit.reason, run.exit.action
+        if reason == "error":
+            return await self._ivr_fallback(session, call_id, line, tenant)
+        if reason == "abandoned" or (reason == "transferred" and action is None):
+            return None  # the caller hung up, or the channel was moved (Redirect)
+        try:
+            if isinstance(action, QueueNode):
+                if action.queue not in self.acd.rules:
+                    log.error("ivr.unknown_queue", flow=run.flow_id, node=run.exit.node, queue=action.queue)
+                    return await self._ivr_fallback(session, call_id, line, tenant)
+                priority = action.priority if action.priority is not None else run.priority
+                return await self.acd.enqueue_from_agi(session, call_id, action.queue, tenant, priority=priority)
+            if isinstance(action, TransferNode):
+                if action.number is not None:
+                    kind, target = "number", self.acd.policy.check(action.number)
+                    context = ""
+                else:
+                    assert action.extension is not None
+                    kind, target = "extension", action.extension
+                    context = action.context or self.config.dialing.transfer_context
+                for name, value in (("CTID_TRANSFER_KIND", kind), ("CTID_TRANSFER_TARGET", target),
+                                    ("CTID_TRANSFER_CONTEXT", context)):
+                    await session.set_variable(name, value)
+                return "transfer"
+            if isinstance(action, VoicemailNode):
+                if action.context is not None:
+                    await session.set_variable("CTID_VOICEMAIL_CONTEXT", action.context)
+                return "voicemail"
+        except DialNumberRejected as exc:
+            log.error("ivr.transfer_refused", flow=run.flow_id, node=run.exit.node, reason=exc.reason)
+            return await self._ivr_fallback(session, call_id, line, tenant)
+        return "release"  # hangup (contained, timeout) and callback: the flow is done with the call
+
+    async def _ivr_fallback(self, session: AGISession, call_id: str, line: ServiceLineConfig, tenant: str) -> str:
+        """A flow that failed: the line's fallback queue, else the native fail-open queue."""
+        if session.hung_up:
+            return "fallback"
+        queue = line.fallback_queue
+        if queue is not None and queue in self.acd.rules:
+            log.warning("ivr.fallback", service_line=line.id, queue=queue)
+            return await self.acd.enqueue_from_agi(session, call_id, queue, tenant)
+        log.warning("ivr.fallback", service_line=line.id, queue="native fallback queue")
+        return "fallback"
+
+    async def _ivr_callback(self, run: IVRRun, node: CallbackNode, number: str) -> str | None:
+        return await self.acd.callback_from_ivr(run.call_id, run.tenant, node.queue, number, run.priority)
+
+    async def _survey(self, session: AGISession) -> None:
+        """``agi://ctid/survey?call_id=...`` from ``[ctid-connect]`` once the agent hung up
+        (``CTID_AFTER=survey``): the queue's survey flow, then ``call.survey``."""
+        call_id = (session.query.get("call_id") or [""])[0]
+        call = self.control.model.get(call_id) if _is_id(call_id) else None
+        if call is None:
+            log.warning("ivr.survey_unknown_call", call_id=call_id)
+            return
+        queue_id = call.data.get("queue")
+        agent_id = call.data.get("agent_id")
+        flow_id = None
+        for queue in self.config.queues:
+            if queue.id == queue_id:
+                flow_id = queue.survey_flow
+        if flow_id is None:
+            log.warning("ivr.survey_no_flow", call_id=call_id, queue=queue_id)
+            return
+        with structlog.contextvars.bound_contextvars(call_id=call_id):
+            try:
+                run = await self.ivr.run(session, call_id=call_id, flow_id=flow_id, tenant=call.tenant,
+                                         service_line=call.service_line, dnis=call.dnis)
+            except FlowError as exc:
+                log.error("ivr.flow_error", flow=flow_id, node=None, error=str(exc))
+                return
+            questions = sum(1 for node in run.flow.nodes.values() if node.type == "survey")
+            data = call_data(call)
+            data.update({"scores": dict(run.scores), "agent_id": agent_id if isinstance(agent_id, str) else None,
+                         "flow": flow_id, "complete": len(run.scores) == questions})
+            self.bus.publish(Event("call.survey", call.tenant, self.clock(), data, call_id=call_id,
+                                   agent_id=data["agent_id"], queue=queue_id if isinstance(queue_id, str) else None))
+            self.ivr_store.add_survey(call_id=call_id, tenant=call.tenant, agent_id=data["agent_id"],
+                                      queue=queue_id if isinstance(queue_id, str) else None, flow=flow_id,
+                                      scores=run.scores, at=self.clock())
+            log.info("ivr.survey", flow=flow_id, agent_id=data["agent_id"], scores=run.scores)
+            if not session.hung_up:
+                with contextlib.suppress(AGIError):
+                    await session.set_variable("CTID_ROUTE", "release")
 
 
 def _is_id(value: str) -> bool:

@@ -65,6 +65,7 @@ from ctid.asterisk.safety import (
     check_extension,
     check_id,
 )
+from ctid.ivr.model import FlowConfig, flow_problems
 
 _DNIS_RE = re.compile(r"^(\+?[0-9*#]{1,32}|s)$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
@@ -278,6 +279,17 @@ class ServiceLineConfig(_Section):
     """Recording policy carried by the screen pop (recording control comes later)."""
     queue: Id | None = None
     """Send calls straight to this queue (same tenant) with no IVR prompts."""
+    flow: Id | None = None
+    """Run this IVR flow (``[flows.<id>]``, same tenant) first; exclusive with ``queue``."""
+    fallback_queue: Id | None = None
+    """Where a call goes when its flow fails at run time (a ctid queue of the tenant);
+    unset: the native fail-open queue (``CTID_ROUTE=fallback``)."""
+
+    @model_validator(mode="after")
+    def _queue_or_flow(self) -> ServiceLineConfig:
+        if self.queue is not None and self.flow is not None:
+            raise ValueError("give 'queue' (straight to a queue) or 'flow' (an IVR first), not both")
+        return self
 
     @field_validator("dnis")
     @classmethod
@@ -507,6 +519,9 @@ class QueueConfig(_Section):
     """Abandons sooner than this are short abandons (left out of the service level)."""
     sl_threshold_s: Annotated[float, Field(gt=0, le=3600)] = 20.0
     """Service level: answered within this many seconds."""
+    survey_flow: Id | None = None
+    """Post-call survey: once the agent hangs up, the caller goes to this flow (its
+    ``survey`` nodes score 1-5). Unset: no survey."""
 
     @field_validator("relax")
     @classmethod
@@ -608,6 +623,8 @@ class Config(_Section):
     simulator: SimulatorConfig = SimulatorConfig()
     dialing: DialingConfig = DialingConfig()
     acd: AcdConfig = AcdConfig()
+    flows: dict[Id, FlowConfig] = Field(default_factory=dict)
+    """IVR flows by id (see :mod:`ctid.ivr.model` and ``docs/ivr.md``)."""
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -681,7 +698,45 @@ def reference_problems(data: Mapping[str, Any]) -> list[str]:
     if "asterisk" in data and not _items(data, "asterisk"):
         problems.append("asterisk: at least one [[asterisk]] link is required")
     _queue_problems(data, problems)
+    _flow_problems(data, problems)
     return problems
+
+
+def _flow_problems(data: Mapping[str, Any], problems: list[str]) -> None:
+    """IVR flows: their graphs, and the flows and queues that lines, queues and nodes name."""
+    flows = data.get("flows")
+    flows = flows if isinstance(flows, Mapping) else {}
+    tenants = {item.get("id") for item in _items(data, "tenants")} if "tenants" in data else {"default"}
+    queues = {item.get("id"): item for item in _items(data, "queues")}
+    for flow_id, flow in flows.items():
+        if not isinstance(flow, Mapping):
+            continue
+        problems.extend(flow_problems(str(flow_id), flow))
+        owner = flow.get("tenant")
+        if isinstance(owner, str) and owner not in tenants:
+            problems.append(f"flows.{flow_id}.tenant: unknown tenant {owner!r}")
+        nodes = flow.get("nodes")
+        for node_id, node in (nodes.items() if isinstance(nodes, Mapping) else ()):
+            ident = node.get("queue") if isinstance(node, Mapping) else None
+            if isinstance(ident, str):
+                _same_tenant_queue(problems, f"flows.{flow_id}.nodes.{node_id}.queue", ident, owner, queues)
+
+    def same_tenant_flow(key: str, ident: str, tenant: object) -> None:
+        flow = flows.get(ident)
+        if not isinstance(flow, Mapping):
+            problems.append(f"{key}: unknown flow {ident!r}")
+        elif flow.get("tenant") != tenant:
+            problems.append(f"{key}: flow {ident!r} is in tenant {flow.get('tenant')!r}")
+
+    for i, line in enumerate(_items(data, "service_lines")):
+        if isinstance(line.get("flow"), str):
+            same_tenant_flow(f"service_lines[{i}].flow", line["flow"], line.get("tenant"))
+        if isinstance(line.get("fallback_queue"), str):
+            _same_tenant_queue(problems, f"service_lines[{i}].fallback_queue", line["fallback_queue"],
+                               line.get("tenant"), queues)
+    for i, queue in enumerate(_items(data, "queues")):
+        if isinstance(queue.get("survey_flow"), str):
+            same_tenant_flow(f"queues[{i}].survey_flow", queue["survey_flow"], queue.get("tenant"))
 
 
 _QUEUE_ACTIONS = ("overflow.target", "max_wait_action", "full_action", "closed_action")

@@ -38,8 +38,9 @@ from ctid.store.models import Call, CallLeg, EventOutbox, Meta, metadata
 from ctid.store.types import UTCDateTime
 
 EXPECTED_TABLES = {"alembic_version", "calls", "call_legs", "event_outbox", "meta",
-                   "agents", "agent_skills", "queues", "skills", "audit_log", "callbacks"}
-HEAD = "0003"
+                   "agents", "agent_skills", "queues", "skills", "audit_log", "callbacks",
+                   "ivr_sessions", "survey_results"}
+HEAD = "0004"
 T0 = datetime(2024, 3, 10, 14, 30, 0, tzinfo=UTC)
 
 

@@ -223,6 +223,7 @@ class Dispatcher:
         self._cb_timers: dict[str, asyncio.TimerHandle] = {}  # callback -> retry or expiry timer
         self._attempts: dict[str, str] = {}  # an attempt's call id -> its callback id
         self.callbacks_refused = 0
+        self._surveyed: set[str] = set()  # calls whose channel has CTID_AFTER=survey
 
     def _now(self) -> float:
         return self._clock().timestamp()
@@ -285,8 +286,11 @@ class Dispatcher:
 
     # -- entry -------------------------------------------------------------------------
 
-    async def enqueue_from_agi(self, session: AGISession, call_id: str, queue_id: str, tenant: str) -> str:
-        """Queue the call of this FastAGI session; returns the ``CTID_ROUTE`` to set."""
+    async def enqueue_from_agi(self, session: AGISession, call_id: str, queue_id: str, tenant: str, *,
+                               priority: int | None = None) -> str:
+        """Queue the call of this FastAGI session; returns the ``CTID_ROUTE`` to set.
+
+        ``priority`` (0-9, from the IVR) wins over the queue's own (VIP list, default)."""
         rules = self.rules[queue_id]
         target = rules.entry_target(self.router.depth(queue_id))
         if target is not None:
@@ -295,7 +299,8 @@ class Dispatcher:
             return _route_for(target.kind)
         caller = session.env.get("agi_callerid")
         e164 = e164_or_none(caller or "")
-        priority = rules.priority_for(e164)
+        if priority is None:
+            priority = rules.priority_for(e164)
         enqueued = self._now()
         channel = session.channel or ""
         checkin = str(max(1, min(10, round(rules.checkin_s))))  # the dialplan reads whole seconds, 1..10
@@ -419,6 +424,43 @@ class Dispatcher:
             return False
         self._to_callback(waiting, record, reason="dtmf")
         return True
+
+    def _survey_flow(self, queue_id: str) -> str | None:
+        for queue in self._config.queues:
+            if queue.id == queue_id:
+                return queue.survey_flow
+        return None
+
+    async def callback_from_ivr(self, call_id: str, tenant: str, queue_id: str, number: str,
+                                priority: int | None = None) -> str | None:
+        """The IVR's ``callback`` node: store a callback for ``number`` in ``queue_id``
+        (its place: now). None when stored, else why it was refused (the caller is still
+        on the line and hears so). Works whether or not the queue offers callbacks at its
+        check-ins (``[queues.callback] enabled``); their retry and expiry settings apply."""
+        if queue_id not in self.rules or self._callback_config(queue_id) is None:
+            return f"unknown queue {queue_id!r}"
+        try:
+            checked = self.policy.check(number)
+        except DialNumberRejected as exc:
+            self.callbacks_refused += 1
+            log.warning("acd.callback_refused", call_id=call_id, queue=queue_id, reason=exc.reason)
+            return exc.reason
+        rules = self.rules[queue_id]
+        now = self._now()
+        record = CallbackRecord(new_callback_id(), tenant, queue_id, call_id, checked,
+                                rules.priority_for(e164_or_none(checked)) if priority is None else priority,
+                                now, now, next_attempt_at=now, updated_at=now)
+        try:
+            await self.callbacks.add(record)
+        except Exception:  # the database is down: the IVR fails over, the caller is not lost
+            log.exception("acd.callback_store_failed", call_id=call_id)
+            return "the callback could not be stored"
+        with contextlib.suppress(LookupError):
+            self._model.annotate(call_id, data={"callback_id": record.id})
+        log.info("acd.callback_left", call_id=call_id, callback_id=record.id, queue=queue_id, reason="ivr")
+        self._open_callback(record)
+        self._refresh(queue_id)
+        return None
 
     # -- callback in queue -----------------------------------------------------------------
 
@@ -800,8 +842,17 @@ class Dispatcher:
         await self._bus.publish_and_wait(event)
         try:
             channel = waiting.channel
-            for name, value in (("CTID_TARGET", device), ("CTID_RING_TIMEOUT", f"{rules.ring_timeout_s:g}"),
-                                ("CTID_DIAL_OPTS", "t")):
+            variables = [("CTID_TARGET", device), ("CTID_RING_TIMEOUT", f"{rules.ring_timeout_s:g}"),
+                         ("CTID_DIAL_OPTS", "t")]
+            # Post-call survey: set for a queue with one, cleared when a call that had it
+            # moves to a queue without (one Setvar fewer for every other offer).
+            if self._survey_flow(offer.queue_id) is not None:
+                variables.append(("CTID_AFTER", "survey"))
+                self._surveyed.add(offer.call_id)
+            elif offer.call_id in self._surveyed:
+                variables.append(("CTID_AFTER", ""))
+                self._surveyed.discard(offer.call_id)
+            for name, value in variables:
                 await self._client.action("Setvar", {"Channel": channel, "Variable": name, "Value": value})
             await self._client.action("Redirect", {"Channel": channel, "Context": "ctid-connect", "Exten": "s",
                                                    "Priority": "1"})
@@ -860,6 +911,8 @@ class Dispatcher:
 
     def on_changes(self, changes: list[CallChange]) -> None:
         for change in changes:
+            if change.kind is ChangeKind.ENDED and self._surveyed:
+                self._surveyed.discard(change.call_id)
             waiting = self._calls.get(change.call_id)
             if waiting is None and change.old_call_id:
                 waiting = self._calls.get(change.old_call_id)

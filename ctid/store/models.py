@@ -19,6 +19,10 @@ one JSON document that :class:`ctid.config.QueueConfig` validates), the
 Callback in queue (revision 0003; the repository is :mod:`ctid.acd.callbacks`):
 ``callbacks``, one row per number a waiting caller left, with its place in the queue
 (the original ``enqueued_at``), its attempts and its state.
+
+IVR (revision 0004; the writer is :mod:`ctid.store.ivr`): ``ivr_sessions``, one row per
+flow run (steps, inputs masked, exit reason: the containment KPI), and
+``survey_results``, one row per answered survey question, by call and by agent.
 """
 
 from __future__ import annotations
@@ -56,10 +60,12 @@ __all__ = [
     "CallLeg",
     "Callback",
     "EventOutbox",
+    "IVRSession",
     "Meta",
     "ProvisionedAgent",
     "ProvisionedQueue",
     "Skill",
+    "SurveyResult",
     "metadata",
 ]
 
@@ -315,3 +321,49 @@ class Callback(Base):
     last_status: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class IVRSession(Base):
+    """One call's run through one IVR flow: the steps (inputs of sensitive nodes are
+    ``***``), the public variables, and how it left (``exit_reason``: contained,
+    queued, transferred, callback, voicemail, abandoned, error, timeout)."""
+
+    __tablename__ = "ivr_sessions"
+    __table_args__ = (
+        Index("ix_ivr_sessions_call_id", "call_id"),
+        Index("ix_ivr_sessions_tenant_started_at", "tenant", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    call_id: Mapped[str] = mapped_column(String(CALL_ID_LEN))
+    tenant: Mapped[str] = mapped_column(String(NAME_LEN))
+    flow: Mapped[str] = mapped_column(String(NAME_LEN))
+    service_line: Mapped[str | None] = mapped_column(String(NAME_LEN), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    exit_reason: Mapped[str] = mapped_column(String(16))
+    exit_node: Mapped[str | None] = mapped_column(String(NAME_LEN), nullable=True)
+    error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    steps: Mapped[Any] = mapped_column(JSONDocument)
+    variables: Mapped[Any] = mapped_column(JSONDocument)
+
+
+class SurveyResult(Base):
+    """One answered post-call survey question: a score 1-5 for the call and its agent."""
+
+    __tablename__ = "survey_results"
+    __table_args__ = (
+        CheckConstraint("score BETWEEN 1 AND 5", name="score"),
+        UniqueConstraint("call_id", "question"),
+        Index("ix_survey_results_agent_id", "agent_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    call_id: Mapped[str] = mapped_column(String(CALL_ID_LEN))
+    tenant: Mapped[str] = mapped_column(String(NAME_LEN))
+    agent_id: Mapped[str | None] = mapped_column(String(NAME_LEN), nullable=True)
+    queue: Mapped[str | None] = mapped_column(String(NAME_LEN), nullable=True)
+    flow: Mapped[str] = mapped_column(String(NAME_LEN))
+    question: Mapped[str] = mapped_column(String(NAME_LEN))
+    score: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
