@@ -472,8 +472,8 @@ def _silent_loops(prefix: str, nodes: Mapping[str, Mapping[str, Any]], edges: Ma
                 done.add(path.pop())
             elif nxt in path:
                 loop = " -> ".join([*path[path.index(nxt):], nxt])
-                problems.append(f"{prefix}.nodes.{nxt}: loop with no input ({loop}); "
-                                "add a menu or input node to it")
+                problems.append(f"{prefix}.nodes.{nxt}: loop with no input ({loop}): "
+                                "add a menu, input or survey node to it")
             elif nxt not in done:
                 path.append(nxt)
                 stack.append(iter(t for t in edges.get(nxt, ()) if t in silent))

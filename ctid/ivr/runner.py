@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -58,7 +59,7 @@ from ctid.config import Config, CRMConfig
 from ctid.crm.client import CRMClient
 from ctid.events.calls import call_data
 from ctid.events.schema import Event
-from ctid.ivr.conditions import Value, parse_condition
+from ctid.ivr.conditions import Condition, Value, parse_condition
 from ctid.ivr.hours import Schedule
 from ctid.ivr.model import (
     DIGITS,
@@ -268,7 +269,7 @@ class FlowRunner:
             node = flow.nodes[current]
             step = Step(current, node.type, self._clock().timestamp())
             run.steps.append(step)
-            if node.when is not None and not parse_condition(node.when).evaluate(run.variables):
+            if node.when is not None and not _condition(node.when).evaluate(run.variables):
                 step.result = "skipped"
                 current = node.otherwise
                 continue
@@ -294,7 +295,7 @@ class FlowRunner:
                 return await self._survey(session, run, node_id, node, step)
             case HoursNode():
                 tz = node.timezone or self._tenant_tz(run.tenant)
-                status = Schedule.parse(node.schedule, node.holidays, tz).status(self._clock())
+                status = _schedule(node, tz).status(self._clock())
                 step.result = status
                 if status == "open":
                     return node.if_open
@@ -541,6 +542,26 @@ class FlowRunner:
             data["variable"] = variable
             data["sensitive"] = sensitive
         self._publish(Event("call.ivr", run.tenant, self._clock(), data, call_id=run.call_id))
+
+
+@functools.lru_cache(maxsize=1024)
+def _condition(text: str) -> Condition:
+    """Parsed once per text (the config validated it already)."""
+    return parse_condition(text)
+
+
+def _schedule(node: HoursNode, tz: str) -> Schedule:
+    key = (id(node), tz)
+    cached = _SCHEDULES.get(key)
+    if cached is None or cached[0] is not node:
+        if len(_SCHEDULES) > 1024:
+            _SCHEDULES.clear()
+        cached = (node, Schedule.parse(node.schedule, node.holidays, tz))
+        _SCHEDULES[key] = cached
+    return cached[1]
+
+
+_SCHEDULES: dict[tuple[int, str], tuple[HoursNode, Schedule]] = {}
 
 
 def _render(template: str, variables: Mapping[str, Value]) -> str:
