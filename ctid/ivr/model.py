@@ -252,7 +252,8 @@ class LookupNode(_Node):
     """An HTTP lookup through ctid's CRM client (URL-encoded template, timeout, cache).
 
     The template's ``{name}`` placeholders are the flow's variables plus ``caller``,
-    ``caller_e164``, ``dnis``, ``service_line``, ``tenant`` and ``call_id``."""
+    ``caller_e164``, ``caller_name``, ``dnis``, ``service_line``, ``tenant``,
+    ``call_id`` and ``language``."""
 
     type: Literal["lookup"]
     url: str
@@ -351,8 +352,7 @@ class CallbackNode(_Node):
     """Leave a callback request in an ACD queue (as the queue's callback-in-queue does)
     for the caller's number, or the number in ``number_variable``; then play
     ``prompts`` and hang up. A number the ``[dialing]`` policy refuses plays
-    ``refused_prompts`` and goes to ``on_refused`` (default: the flow fails to the
-    line's fallback)."""
+    ``refused_prompts`` and fails the flow (the call goes to the line's fallback)."""
 
     type: Literal["callback"]
     queue: NodeId
