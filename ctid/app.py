@@ -169,7 +169,8 @@ class Daemon:
             self.fallback = FallbackSync(client=first.client, agents=self.agents, queue=config.acd.fallback_queue,
                                          known_endpoints=self.acd.known_endpoints)
         self.ivr = FlowRunner(config, publish=self.bus.publish, model=first.model, crm=self.crm, clock=self.clock,
-                              request_callback=self._ivr_callback, record=lambda run: self.ivr_store.add(run.record()))
+                              request_callback=self._ivr_callback, queue_info=self.acd.queue_info,
+                              record=lambda run: self.ivr_store.add(run.record()))
         self.api = ApiServer(config, self.bus, self.agents, self._active_calls, self.health, self.metrics,
                              ended_calls=lambda n: self.store.list_calls(active=False, limit=n), clock=self.clock,
                              provisioning=self.provisioning, reload=self.reload,

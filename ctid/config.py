@@ -458,6 +458,9 @@ class CallbackConfig(_Section):
     """Seconds between a failed attempt and the next."""
     expiry_s: Annotated[float, Field(ge=10, le=7 * 86400)] = 3600.0
     """A callback not served this many seconds after it was left expires."""
+    prompt: Annotated[str, Field(pattern=r"^/?[A-Za-z0-9_][A-Za-z0-9_/.-]{0,199}$")] = "beep"
+    """Sound played at the check-in with the key as escape digit ("press 1 to be called
+    back"). Asterisk's core sounds have no such prompt: record your own."""
 
 
 class OverflowConfig(_Section):
@@ -519,6 +522,12 @@ class QueueConfig(_Section):
     """Abandons sooner than this are short abandons (left out of the service level)."""
     sl_threshold_s: Annotated[float, Field(gt=0, le=3600)] = 20.0
     """Service level: answered within this many seconds."""
+    announce: list[Literal["position", "ewt"]] = Field(default_factory=list)
+    """What the hold check-in tells a waiting caller: their position and/or the
+    estimated wait (app_queue's ``queue-*`` sounds and ``digits/*``). Empty: nothing."""
+    announce_every_s: Annotated[float, Field(ge=5, le=3600)] = 30.0
+    """Seconds between two announcements to the same caller (the first comes at the
+    first check-in)."""
     survey_flow: Id | None = None
     """Post-call survey: once the agent hangs up, the caller goes to this flow (its
     ``survey`` nodes score 1-5). Unset: no survey."""

@@ -157,8 +157,9 @@ async def running(config: Config, sim: Simulator | None = None) -> AsyncIterator
         await sim.stop()
 
 
-def agi_commands(sim: Simulator) -> list[str]:
-    return [m.get("Command", "") for m in sim.events if m.name == "AGIExecStart"]
+def agi_commands(sim: Simulator, channel: str | None = None) -> list[str]:
+    return [m.get("Command", "") for m in sim.events if m.name == "AGIExecStart"
+            and (channel is None or m.get("Channel") == channel)]
 
 
 def contexts(sim: Simulator, channel_prefix: str = "PJSIP/trunk") -> list[str]:
@@ -412,3 +413,43 @@ async def test_post_call_survey_after_the_agent_hangs_up(db_url: str) -> None:
     assert survey["data"]["complete"] is True and survey["queue"] == "support"
     assert scores == {"agent": 4, "overall": 5}
     assert average == (2, 4.5)
+
+
+# -- the ACD's figures in the IVR and at the hold check-in -----------------------------
+
+
+async def test_conditions_see_the_queue_depth(tmp_path: Path) -> None:
+    nodes = {"check-busy": {"type": "goto", "when": "waiting.support >= 1", "otherwise": "agent", "next": "busy"},
+             "busy": {"type": "play", "prompts": ["all-agents-busy"], "barge_in": False, "next": "agent"},
+             "agent": {"type": "queue", "queue": "support"}}
+    config = flow_config(sqlite(tmp_path), 1, nodes=nodes, start="check-busy")
+    async with running(config) as (daemon, sim, watcher, _, _):
+        first = sim.inbound_call(dnis="300", caller=NUMBER)
+        await until(lambda: daemon.acd.router.depth("support") == 1, 15)
+        second = sim.inbound_call(dnis="300", caller="+15551230111")
+        await until(lambda: daemon.acd.router.depth("support") == 2, 15)
+        assert daemon.acd.queue_info("acme", "waiting", "support") == 2
+        assert daemon.acd.queue_info("other-tenant", "waiting", "support") is None
+        await sim.caller_hangup(first)
+        await sim.caller_hangup(second)
+    # A node whose condition is false is skipped, not entered: no event for it.
+    assert watcher.nodes() == ["agent", "check-busy", "busy", "agent"]
+
+
+async def test_the_hold_check_in_announces_the_position(tmp_path: Path) -> None:
+    nodes = {"agent": {"type": "queue", "queue": "support"}}
+    config = flow_config(sqlite(tmp_path), 1, nodes=nodes, start="agent",
+                         queue={"announce": ["position", "ewt"], "announce_every_s": 5})
+    async with running(config) as (daemon, sim, _watcher, _, _):
+        first = sim.inbound_call(dnis="300", caller=NUMBER)
+        await until(lambda: daemon.acd.router.depth("support") == 1, 15)
+        second = sim.inbound_call(dnis="300", caller="+15551230111")
+        await until(lambda: sum(c == 'STREAM FILE "queue-callswaiting" ""' for c in agi_commands(sim)) >= 1, 15)
+        await sim.caller_hangup(first)
+        await sim.caller_hangup(second)
+    assert 'STREAM FILE "queue-youarenext" ""' in agi_commands(sim, first.name)  # the first caller
+    commands = agi_commands(sim, second.name)
+    i = commands.index('STREAM FILE "queue-thereare" ""')  # the second: one call ahead
+    assert commands[i + 1:i + 3] == ['STREAM FILE "digits/1" ""', 'STREAM FILE "queue-callswaiting" ""']
+    # No AHT measured yet: no EWT, rather than a made-up one.
+    assert not any("queue-holdtime" in c for c in agi_commands(sim))

@@ -60,7 +60,7 @@ await :meth:`on_login`, and the API's login takes :meth:`known_endpoints`.
 
 8. **Callback in queue** (``[queues.callback]``, stored by ``ctid.acd.callbacks``). At
    each check-in of a queue with callbacks enabled, the check-in plays
-   :data:`CALLBACK_PROMPT` with ``STREAM FILE`` and the callback key as escape digit.
+   ``[queues.callback] prompt`` with ``STREAM FILE`` and the callback key as escape digit.
    Pressed: the caller ID, checked by the ``[dialing]`` :class:`DialPolicy` (refused:
    :data:`CALLBACK_REFUSED_PROMPT` and the caller keeps waiting), is stored as a
    callback (``callbacks`` row, written before the caller is released), the check-in
@@ -98,6 +98,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,8 +145,6 @@ CALLBACK_CONTEXT: Final = "ctid-callback"
 CALLBACK_QUEUE_SUFFIX: Final = "~callback"
 """Callbacks wait in the router in a twin of their queue (same requirement, policy and
 relaxation, no overflow, max wait or sticky hold): ``<queue id>~callback``."""
-CALLBACK_PROMPT: Final = "beep"
-"""Played at each check-in of a queue with callbacks, with the callback key as escape digit."""
 CALLBACK_REFUSED_PROMPT: Final = "invalid"
 """Played when the caller's number may not be called back (the dial allow-list)."""
 CALLBACK_ANSWER_GRACE_S: Final = 5.0
@@ -183,6 +182,7 @@ class Waiting:
     callback: bool = False  # a callback in queue: call_id is the callback id, no live channel
     attempt_call: str | None = None  # the callback's current Originate (its CTID_CALL_ID)
     outcome: str | None = None  # the callback attempt's DialStatus, once reported
+    announced_at: float = 0.0  # when the check-in last told the caller position / EWT
 
 
 class Dispatcher:
@@ -379,10 +379,30 @@ class Dispatcher:
                     self.router.refresh(call_id)
                     self._kick()
                     self._refresh(waiting.queue)  # the longest wait moves on
+                    await self._announce(session, waiting)
                 if self._callback_offered(waiting) and await self._callback_choice(session, waiting):
                     route = "release"
         with contextlib.suppress(AGIError, UnsafeValueError):
             await session.set_variable("CTID_ROUTE", route)
+
+    async def _announce(self, session: AGISession, waiting: Waiting) -> None:
+        """Position and EWT, at most every ``announce_every_s`` per caller: "you are next" /
+        "there are N calls waiting", "the estimated hold time is N minutes" (app_queue's
+        sounds). A key or a Redirect (the offer) cuts it short; failures are ignored."""
+        config = next((q for q in self._config.queues if q.id == waiting.queue), None)
+        now = self._now()
+        if config is None or not config.announce or now - waiting.announced_at < config.announce_every_s:
+            return
+        waiting.announced_at = now
+        prompts = announcement(self.router.position(waiting.call_id) if "position" in config.announce else None,
+                               self.router.ewt(waiting.call_id) if "ewt" in config.announce else None)
+        try:
+            for prompt in prompts:
+                await session.send_command("STREAM FILE", prompt, "")
+                if session.hung_up:
+                    return
+        except (AGIError, UnsafeValueError):
+            return
 
     def _callback_offered(self, waiting: Waiting) -> bool:
         config = self._callback_config(waiting.queue)
@@ -395,7 +415,7 @@ class Dispatcher:
         config = self._callback_config(waiting.queue)
         assert config is not None
         try:
-            reply = await session.send_command("STREAM FILE", CALLBACK_PROMPT, config.dtmf)
+            reply = await session.send_command("STREAM FILE", config.prompt, config.dtmf)
         except (AGIError, UnsafeValueError):
             return False
         if reply.result != str(ord(config.dtmf)):
@@ -424,6 +444,18 @@ class Dispatcher:
             return False
         self._to_callback(waiting, record, reason="dtmf")
         return True
+
+    def queue_info(self, tenant: str, kind: str, queue_id: str) -> float | int | None:
+        """For the IVR's conditions: ``ewt`` (seconds a call joining ``queue_id`` now at
+        its default priority would wait; None when unknown) or ``waiting`` (calls
+        waiting). None for a queue of another tenant or an unknown one."""
+        rules = self.rules.get(queue_id)
+        if rules is None or rules.tenant != tenant:
+            return None
+        if kind == "waiting":
+            return self.router.depth(queue_id)
+        ewt = self.router.queue_ewt(rules, rules.priority)
+        return None if ewt is None else round(ewt, 1)
 
     def _survey_flow(self, queue_id: str) -> str | None:
         for queue in self._config.queues:
@@ -1229,3 +1261,41 @@ def wall_clock() -> datetime:
 
 
 __all__ = ["Dispatcher", "Waiting", "format_ts"]
+
+
+def number_prompts(n: int) -> list[str]:
+    """An integer 0-999 as Asterisk's English ``digits/*`` sounds (as ``SayNumber``)."""
+    n = max(0, min(999, n))
+    if n < 20:
+        return [f"digits/{n}"]
+    out: list[str] = []
+    if n >= 100:
+        out += [f"digits/{n // 100}", "digits/hundred"]
+        n %= 100
+        if n == 0:
+            return out
+    if n < 20:
+        return [*out, f"digits/{n}"]
+    out.append(f"digits/{n // 10 * 10}")
+    if n % 10:
+        out.append(f"digits/{n % 10}")
+    return out
+
+
+def announcement(position: int | None, ewt_s: float | None) -> list[str]:
+    """The check-in's announcement: position 1 is "you are next"; otherwise "there are
+    N calls waiting" (the calls ahead, as app_queue says it); EWT in whole minutes,
+    "less than 1 minute" under a minute; nothing for what is unknown."""
+    prompts: list[str] = []
+    if position is not None:
+        if position <= 1:
+            prompts.append("queue-youarenext")
+        else:
+            prompts += ["queue-thereare", *number_prompts(position - 1), "queue-callswaiting"]
+    if ewt_s is not None:
+        minutes = math.ceil(ewt_s / 60)
+        if ewt_s < 60:
+            prompts += ["queue-holdtime", "queue-less-than", *number_prompts(1), "queue-minute"]
+        else:
+            prompts += ["queue-holdtime", *number_prompts(minutes), "queue-minutes"]
+    return prompts

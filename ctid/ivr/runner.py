@@ -45,7 +45,7 @@ import contextlib
 import functools
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -89,6 +89,9 @@ PROMPT_TIMEOUT_S: Final = 600.0
 
 Publish = Callable[[Event], Event]
 Clock = Callable[[], datetime]
+QueueInfo = Callable[[str, str, str], Value]
+"""``(tenant, "ewt" | "waiting", queue) -> value`` for the conditions' ``ewt.<queue>``
+(seconds a call joining now would wait, null when unknown) and ``waiting.<queue>``."""
 RequestCallback = Callable[["IVRRun", CallbackNode, str], Awaitable[str | None]]
 """``(run, node, number) -> None`` when stored, else the reason it was refused."""
 
@@ -188,6 +191,7 @@ class FlowRunner:
                  crm: CRMClient | None, clock: Clock,
                  request_callback: RequestCallback | None = None,
                  record: Callable[[IVRRun], None] | None = None,
+                 queue_info: QueueInfo | None = None,
                  hangup_wait: float = 1.0) -> None:
         self.config = config
         self._publish = publish
@@ -196,6 +200,7 @@ class FlowRunner:
         self._clock = clock
         self._request_callback = request_callback
         self._record = record
+        self._queue_info = queue_info
         self._hangup_wait = hangup_wait
         self.runs = 0
         self.errors = 0
@@ -269,7 +274,7 @@ class FlowRunner:
             node = flow.nodes[current]
             step = Step(current, node.type, self._clock().timestamp())
             run.steps.append(step)
-            if node.when is not None and not _condition(node.when).evaluate(run.variables):
+            if node.when is not None and not _condition(node.when).evaluate(_Scope(run, self._queue_info)):
                 step.result = "skipped"
                 current = node.otherwise
                 continue
@@ -562,6 +567,29 @@ def _schedule(node: HoursNode, tz: str) -> Schedule:
 
 
 _SCHEDULES: dict[tuple[int, str], tuple[HoursNode, Schedule]] = {}
+
+
+class _Scope(Mapping[str, Value]):
+    """What a condition sees: the run's variables, plus ``ewt.<queue>`` and
+    ``waiting.<queue>`` of the ACD, computed when a condition asks for them."""
+
+    def __init__(self, run: IVRRun, queue_info: QueueInfo | None) -> None:
+        self._run = run
+        self._info = queue_info
+
+    def __getitem__(self, name: str) -> Value:
+        if name in self._run.variables:
+            return self._run.variables[name]
+        kind, _, queue = name.partition(".")
+        if self._info is not None and kind in ("ewt", "waiting") and queue:
+            return self._info(self._run.tenant, kind, queue)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._run.variables)
+
+    def __len__(self) -> int:
+        return len(self._run.variables)
 
 
 def _render(template: str, variables: Mapping[str, Value]) -> str:
