@@ -14,6 +14,11 @@
   fails.
 * ``ctid hash-secret``: hash an agent's PIN or password (read from stdin, never from
   the command line) for ``pin_hash`` in the config.
+* ``ctid prompts check -c ctid.toml --sounds DIR [--language LANG ...]``: list the flows'
+  prompts that Asterisk would not find in DIR for a language (the config's languages
+  plus ``--language``, default ``en``; lookup rules in ``ctid.ivr.prompts``); exit 0
+  when none is missing, 1 when some are. ``ctid prompts tts ... [--texts FILE]``
+  generates the missing ones with espeak-ng and sox; exit 1 if some are left.
 * ``ctid version``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. AMI login rejected), 2 bad usage or config.
@@ -54,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("-c", "--config", required=True, type=Path)
     seed.add_argument("--force", action="store_true",
                       help="also overwrite database entries from the config (undoes changes made over the API)")
+    prompts = sub.add_parser("prompts", help="check the flows' sound files, or generate the missing ones")
+    prompts_sub = prompts.add_subparsers(dest="prompts_command", required=True)
+    for name, help_ in (("check", "list the prompts with no sound file, per language"),
+                        ("tts", "generate the missing prompts with espeak-ng and sox")):
+        action = prompts_sub.add_parser(name, help=help_)
+        action.add_argument("-c", "--config", required=True, type=Path)
+        action.add_argument("--sounds", required=True, type=Path, metavar="DIR",
+                            help="Asterisk's sounds directory (Debian: /usr/share/asterisk/sounds)")
+        action.add_argument("--language", action="append", type=_language, metavar="LANG",
+                            help="also check this language (repeatable; default: en), besides the config's")
+        if name == "tts":
+            action.add_argument("--texts", type=Path, metavar="FILE",
+                                help='TOML file of prompt texts: welcome = "Welcome to Acme" (quote names with /)')
     sub.add_parser("hash-secret", help="hash an agent PIN or password for pin_hash (reads it from stdin)")
     sub.add_parser("version", help="print the version")
     return parser
@@ -108,6 +126,67 @@ async def _seed(config: Config, force: bool) -> int:
     return EXIT_OK
 
 
+def _language(value: str) -> str:
+    from ctid.ivr.prompts import PromptError, check_language
+
+    try:
+        return check_language(value)
+    except PromptError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _prompts(args: argparse.Namespace) -> int:
+    """``prompts check`` and ``prompts tts``: exit 0 when nothing is (left) missing."""
+    from ctid.ivr.model import flow_prompts
+    from ctid.ivr.prompts import (
+        DEFAULT_LANGUAGE,
+        MissingPrompt,
+        PromptError,
+        flow_languages,
+        load_texts,
+        missing_prompts,
+        tts,
+    )
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    if not args.sounds.is_dir():
+        print(f"error: --sounds {args.sounds}: no such directory", file=sys.stderr)
+        return EXIT_CONFIG
+    used = flow_prompts(config.flows)
+    languages = sorted(flow_languages(config.flows) | set(args.language or [DEFAULT_LANGUAGE]))
+    checked = f"{len(used)} prompt(s) checked for {', '.join(languages)} in {args.sounds}"
+    texts: dict[str, str] = {}
+    if getattr(args, "texts", None) is not None:
+        try:
+            texts = load_texts(args.texts)
+        except PromptError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        for prompt in sorted(set(texts) - set(used)):
+            print(f"warning: {args.texts}: {prompt!r} is not a prompt of the flows", file=sys.stderr)
+    missing = missing_prompts(used, args.sounds, languages)
+    if args.prompts_command == "check":
+        for item in missing:
+            print(f"missing: {item} (used by {', '.join(f'{flow}.{node}' for flow, node in item.places)})")
+        print(f"{len(missing)} missing ({checked})" if missing else f"OK: none missing ({checked})")
+        return EXIT_FAILURE if missing else EXIT_OK
+
+    def skipped(item: MissingPrompt, reason: str) -> None:
+        print(f"skipped: {item}: {reason}", file=sys.stderr)
+
+    try:
+        written = tts(missing, args.sounds, texts, on_skip=skipped)
+    except PromptError as exc:
+        print(f"ctid prompts tts: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    for path in written:
+        print(f"wrote: {path}")
+    print(f"{len(written)} file(s) written, {len(missing) - len(written)} left missing ({checked})")
+    return EXIT_OK if len(written) == len(missing) else EXIT_FAILURE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
@@ -122,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.config}: OK ({len(config.tenants)} tenant(s), "
               f"{len(config.service_lines)} service line(s), {len(config.asterisk)} Asterisk link(s))")
         return EXIT_OK
+    if args.command == "prompts":
+        return _prompts(args)
 
     if args.command == "demo":
         config = _load_or_report(args.config) if args.config else parse({})

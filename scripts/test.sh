@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quick start, command 2: the whole test suite, from a fresh Debian 12.
-# Installs mosquitto and postgresql when missing, creates .venv with the test extras,
+# Installs mosquitto, postgresql, espeak-ng and sox (for `ctid prompts tts`) when missing,
+# creates .venv with the test extras,
 # runs ruff, mypy --strict and pytest. The tests start their own PostgreSQL and
 # mosquitto on 127.0.0.1 on free ports and stop them at the end (tests/services.py).
 # pytest's exit code 5 (no tests collected) is a failure. Extra args go to pytest.
@@ -11,6 +12,7 @@ missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
+{ command -v espeak-ng && command -v sox; } >/dev/null 2>&1 || missing+=(espeak-ng sox)
 ctid_apt "${missing[@]}"
 ctid_venv "[test,bench]"
 cd "$CTID_ROOT"
