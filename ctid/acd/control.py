@@ -253,7 +253,7 @@ class CallControl:
         """The agent's part of the call is over (transferred away): wrap-up starts."""
         waiting = self._acd.waiting(call.call_id)
         if waiting is not None and waiting.answered and waiting.agent_id is not None:
-            self._acd._ended(waiting, call)
+            self._acd.end_waiting(waiting, call)
         agent_id = self._outbound.pop(call.call_id, None)
         if agent_id is not None:
             self._agents.set_busy(agent_id, False)
@@ -372,7 +372,7 @@ class CallControl:
         self._publish("call.transferred", call, by, kind="queue", target=queue_id)
         self._release_agent(call)
         self._requeued.add(call.call_id)
-        self._acd._enqueue(call.call_id, queue_id, call.tenant, caller, priority, enqueued,
+        self._acd.enqueue(call.call_id, queue_id, call.tenant, caller, priority, enqueued,
                            reason="transfer")
         log.info("control.transferred", call_id=call.call_id, kind="queue", target=queue_id,
                  kept_enqueue_time=keep, by=by.name if by else "ctid")

@@ -320,7 +320,7 @@ class Dispatcher:
             agent = self._agents.get(sticky_agent) if sticky_agent in self._agents else None
             if agent is None or agent.tenant != tenant or not rules.requires.matches(dict(agent.config.skills)):
                 sticky_agent = None
-        self._enqueue(call_id, queue_id, tenant, channel, priority, enqueued, reason="entered",
+        self.enqueue(call_id, queue_id, tenant, channel, priority, enqueued, reason="entered",
                       sticky_agent=sticky_agent)
         return "hold"
 
@@ -335,8 +335,10 @@ class Dispatcher:
         return asyncio.create_task(self.history.lookup(tenant, rules.queue_id, key, numbers, rules.sticky.window_s),
                                    name=f"sticky-{rules.queue_id}")
 
-    def _enqueue(self, call_id: str, queue_id: str, tenant: str, channel: str, priority: int, enqueued: float,
+    def enqueue(self, call_id: str, queue_id: str, tenant: str, channel: str, priority: int, enqueued: float,
                  *, reason: str, head: bool = False, sticky_agent: str | None = None) -> None:
+        """Put a call with a live channel in ``[ctid-hold]`` into a queue (entry, overflow,
+        RONA, a transfer to a queue by call control) and publish ``call.queued``."""
         waiting = Waiting(call_id, queue_id, tenant, channel, priority, enqueued)
         self._calls[call_id] = waiting
         self.router.enqueue(call_id, self.rules[queue_id], priority, enqueued_at=enqueued, head=head,
@@ -796,7 +798,7 @@ class Dispatcher:
             enqueued_at = float(enqueued)
         except ValueError:
             enqueued_at = self._now()
-        self._enqueue(call_id, queue_id, tenant or self.rules[queue_id].tenant, session.channel or "",
+        self.enqueue(call_id, queue_id, tenant or self.rules[queue_id].tenant, session.channel or "",
                       int(prio), enqueued_at, reason="recovered")
         log.info("acd.recovered", call_id=call_id, queue=queue_id)
         return self._calls.get(call_id)
@@ -976,9 +978,11 @@ class Dispatcher:
                 log.info("acd.answered", call_id=waiting.call_id, agent_id=waiting.agent_id)
                 self._refresh(waiting.queue)
             elif change.kind is ChangeKind.ENDED:
-                self._ended(waiting, change.call)
+                self.end_waiting(waiting, change.call)
 
-    def _ended(self, waiting: Waiting, call: Call) -> None:
+    def end_waiting(self, waiting: Waiting, call: Call) -> None:
+        """A routed call ended (from the model's changes, or call control's hangup):
+        release or wrap up its agent, close its callback attempt, count an abandon."""
         if waiting.attempt_call is not None:
             self._attempts.pop(waiting.attempt_call, None)
         if waiting.callback and not waiting.answered:
@@ -1217,7 +1221,7 @@ class Dispatcher:
             # Overflow to another queue keeps the original enqueue time.
             self._calls.pop(expiry.call_id, None)
             log.info("acd.overflow", call_id=expiry.call_id, from_queue=expiry.queue_id, to_queue=target.queue)
-            self._enqueue(expiry.call_id, target.queue, waiting.tenant, waiting.channel, waiting.priority,
+            self.enqueue(expiry.call_id, target.queue, waiting.tenant, waiting.channel, waiting.priority,
                           waiting.enqueued_at, reason="overflow")
             return
         if target is not None and target.kind == "callback" and self._overflow_to_callback(waiting):
