@@ -601,6 +601,23 @@ def test_ewt_uses_position_eligible_agents_and_aht(router: Router) -> None:
     assert router.queue_ewt(q, priority=9) == pytest.approx(2 * 60.0 / 4)
 
 
+def test_callbacks_that_share_the_line_count_ahead(router: Router, clock: Clock) -> None:
+    q, twin = rules("q", "lang:en"), rules("q~callback", "lang:en")
+    router.add_agent("busy", {"lang:en": 5}, ready=True)
+    router.enqueue("talking", q)
+    for offer in router.match():
+        router.offer_done(offer.call_id, offer.agent_id, answered=True)
+    router.enqueue("cb-old", twin, enqueued_at=clock.now - 30)  # left a number, kept its place
+    router.enqueue("live", q)
+    clock.now += 1
+    router.enqueue("cb-late", twin)  # joined after "live": behind it
+    assert router.position("live") == 1 and router.ewt("live", aht_s=60.0) == pytest.approx(60.0)
+    router.share_line("q", "q~callback")
+    assert router.position("live") == 2  # cb-old is ahead, cb-late is not
+    assert router.ewt("live", aht_s=60.0) == pytest.approx(120.0)
+    assert router.queue_ewt(q, aht_s=60.0) == pytest.approx(4 * 60.0)  # live, cb-old and cb-late ahead
+
+
 def test_ewt_is_none_when_no_eligible_agent_is_staffed(router: Router) -> None:
     q = rules("q", "lang:zh")
     router.set_aht("q", 100.0)

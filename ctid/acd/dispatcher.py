@@ -510,6 +510,9 @@ class Dispatcher:
             rules = dataclasses.replace(self.rules[queue_id], queue_id=queue_id + CALLBACK_QUEUE_SUFFIX,
                                         overflow=None, max_wait_s=None, sticky=None)
             self._cb_rules[queue_id] = rules
+            # A callback keeps its place: live callers behind it count it in their
+            # position and EWT.
+            self.router.share_line(queue_id, rules.queue_id)
         return rules
 
     def _new_callback(self, waiting: Waiting, number: str) -> CallbackRecord:

@@ -105,7 +105,8 @@ Expected wait time (EWT)
 
 Position-aware, for a waiting call ``c`` with current requirement ``R``::
 
-    ahead  = waiting calls of c's queue ordered before c (fairness key)
+    ahead  = waiting calls of c's queue ordered before c (fairness key), plus those of
+             the queues that share its line (:meth:`Router.share_line`: callbacks)
     N      = slots (sum of max_calls) of agents eligible for R that are ready or on a call
     free   = free slots of agents eligible for R that are ready now
     EWT    = max(0, ahead + 1 - free) * AHT / N
@@ -362,6 +363,7 @@ class Router:
         self._dirty_agents: dict[str, None] = {}
         self._dirty_calls: dict[str, None] = {}
         self._aht: dict[str, float] = {}
+        self._lines: dict[str, tuple[str, ...]] = {}  # queue id -> queues whose calls share its line
         self._gen = 0
 
     # ------------------------------------------------------------------ agents
@@ -632,10 +634,25 @@ class Router:
         estimate = self._estimate(queue, bucket, key, aht)
         return None if estimate == math.inf else estimate
 
+    def share_line(self, queue_id: str, other_id: str) -> None:
+        """The waiting calls of ``other_id`` stand in ``queue_id``'s line: they count as
+        ahead in its positions and EWTs when their fairness key is before (the ACD's
+        callbacks in queue wait in a twin queue, and keep the caller's place)."""
+        if other_id != queue_id and other_id not in self._lines.get(queue_id, ()):
+            self._lines[queue_id] = (*self._lines.get(queue_id, ()), other_id)
+
+    def _ahead(self, queue: _Queue, key: _Key) -> int:
+        ahead = bisect_left(queue.keys, key)
+        for other_id in self._lines.get(queue.id, ()):
+            other = self._queues.get(other_id)
+            if other is not None:
+                ahead += bisect_left(other.keys, key)
+        return ahead
+
     def position(self, call_id: str) -> int:
-        """1-based position of a waiting call among its queue's waiting calls."""
+        """1-based position of a waiting call in its queue's line (:meth:`share_line`)."""
         call = self._waiting(call_id)
-        return bisect_left(call.queue.keys, call.key) + 1
+        return self._ahead(call.queue, call.key) + 1
 
     def depth(self, queue_id: str) -> int:
         """Calls waiting in a queue (offered calls are not waiting)."""
@@ -954,7 +971,7 @@ class Router:
     def _estimate(self, queue: _Queue, bucket: _Bucket, key: _Key, aht: float) -> float:
         if bucket.staffed <= 0:
             return math.inf
-        ahead = bisect_left(queue.keys, key)
+        ahead = self._ahead(queue, key)
         return max(0, ahead + 1 - bucket.free) * aht / bucket.staffed
 
     # ------------------------------------------------------------------ internals: matching
