@@ -112,6 +112,8 @@ async def test_a_caller_presses_the_key_hangs_up_and_is_called_back(tmp_path: Pa
     attempt_id = offered["data"]["uniqueid"].removesuffix(".agent")
     assert attempt_id.startswith(f"{record.id}.1.") and offered["data"]["direction"] == "outbound"
     assert offered["data"]["caller"]["number"] == NUMBER and offered["data"]["device"] == "PJSIP/1001"
+    assert offered["data"]["callback"] == {"id": record.id, "number": NUMBER, "attempt": 1,
+                                           "original_call_id": record.call_id}
     attempt = [e for e in published if e.get("call_id") == attempt_id]
     assert [e["type"] for e in attempt][:2] == ["call.started", "call.answered"]
     assert {e["tenant"] for e in attempt} == {"acme"}

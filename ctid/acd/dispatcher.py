@@ -671,7 +671,9 @@ class Dispatcher:
                     "ivr": {}, "crm": None, "crm_error": None,
                     "recording": {"policy": line.recording if line else "never"},
                     "channel": device, "uniqueid": uniqueid,
-                    "ring_timeout_s": rules.ring_timeout_s, "device": device})
+                    "ring_timeout_s": rules.ring_timeout_s, "device": device,
+                    "callback": {"id": record.id, "number": record.number, "attempt": record.attempts + 1,
+                                 "original_call_id": record.call_id}})
         await self._bus.publish_and_wait(Event("call.offered", waiting.tenant, self._clock(), pop,
                                                call_id=offer.call_id, agent_id=offer.agent_id,
                                                queue=waiting.queue))
@@ -871,7 +873,7 @@ class Dispatcher:
             "recording": {"policy": line.recording if line else "never"},
             "channel": caller_leg.channel if caller_leg else waiting.channel,
             "uniqueid": caller_leg.uniqueid if caller_leg else None,
-            "ring_timeout_s": rules.ring_timeout_s, "device": device,
+            "ring_timeout_s": rules.ring_timeout_s, "device": device, "callback": None,
         })
         event = Event("call.offered", waiting.tenant, self._clock(), pop, call_id=offer.call_id,
                       agent_id=offer.agent_id, queue=offer.queue_id)
