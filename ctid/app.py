@@ -40,7 +40,7 @@ import signal
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,7 @@ class Daemon:
             self._spawn("mqtt", self.mqtt.run())
             await self.crm.start()
             await self.acd.start()
+            await self._rebuild_service_levels()
             if self.fallback is not None:
                 await self.fallback.start()
             await self._listen("FastAGI", self.config.agi.bind, self.config.agi.port, self.agi.start)
@@ -226,6 +227,19 @@ class Daemon:
         gc.freeze()
         self._started = True
         log.info("ctid.started", agi_port=self.agi.port, http_port=self.api.port, links=list(self.links))
+
+    async def _rebuild_service_levels(self) -> None:
+        """After a restart: today's SL counters from the stored calls, not from zero."""
+        now = self.clock()
+        since = now - timedelta(hours=26)  # covers "today" in every time zone; the feed filters
+        try:
+            async with asyncio.timeout(10):
+                outcomes = await self.store.queue_outcomes_since(since)
+        except Exception as exc:  # the database is slow or gone: start from zero, say so
+            log.warning("acd.sl_rebuild_failed", reason=f"{type(exc).__name__}: {exc}")
+            return
+        counted = self.queue_stats.rebuild(outcomes, now)
+        log.info("acd.sl_rebuilt", calls=counted)
 
     async def _listen(self, what: str, host: str, port: int, start: Callable[[], Awaitable[None]]) -> None:
         try:

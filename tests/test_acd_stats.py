@@ -233,6 +233,32 @@ async def test_stats_follow_an_abandoned_then_an_answered_call(tmp_path: Path) -
         await sim.stop()
 
 
+async def test_the_days_service_level_survives_a_restart(tmp_path: Path) -> None:
+    sim = make_sim()
+    config = make_config(_db(tmp_path), services.free_port(), short_abandon_s=0, requires="lang:en>=5")
+    try:
+        async with wired(sim, config) as (daemon, _):
+            first = sim.inbound_call(dnis="200", caller="+15551230100")
+            await until(lambda: daemon.acd.router.depth("support") == 1)
+            await sim.caller_hangup(first)  # abandoned in the queue
+            await until(lambda: daemon.acd.abandons == 1)
+            login(daemon, "1001")
+            second = sim.inbound_call(dnis="200", caller="+15551230101")
+            await until(lambda: daemon.agents.get("1001").state.value == "on_call")
+            await sim.caller_hangup(second)
+            await until(lambda: daemon.agents.get("1001").state.value == "ready")
+            day = daemon.queue_stats.service_level("support")
+            assert day is not None
+            before = (day.answered, day.abandoned, day.within_threshold, day.short_abandoned)
+        assert before == (1, 1, 1, 0)
+        async with wired(sim, config) as (daemon, _):  # a new ctid on the same database
+            day = daemon.queue_stats.service_level("support")
+            assert day is not None
+            assert (day.answered, day.abandoned, day.within_threshold, day.short_abandoned) == before
+    finally:
+        await sim.stop()
+
+
 async def test_waiting_and_longest_wait_while_calls_queue(tmp_path: Path) -> None:
     sim = make_sim()
     config = make_config(_db(tmp_path), services.free_port())

@@ -16,7 +16,13 @@ What a snapshot holds (``docs/schema/queue.stats.json``):
   counts. :class:`ServiceLevelDay` keeps the counters of one queue; the first record or
   snapshot after the tenant's local midnight starts a new day at zero.
 
-Counters live in memory: a restart of ctid starts the day's counters again at zero.
+Counters live in memory. After a restart, :meth:`QueueStatsFeed.rebuild` recounts the
+day from the stored call records (``ctid.store.calls.CallStore.queue_outcomes_since``)
+with the same rules as the live counting: a call whose data names a queue, its
+``enqueued_at`` and the ``agent_id`` the ACD annotates on answer counts as answered at
+its ``answered_at``; one never answered whose caller hung up, and that left no callback,
+counts as abandoned at its ``ended_at``. Calls whose record was not written before the
+restart (the writer batches every 0.2 s) are missing from the rebuilt counts.
 
 Refreshes: every agent state change refreshes the queues of its tenant (``ctid.app``),
 and the ACD refreshes a queue on each of its events (enqueue, offer, answer, abandon,
@@ -38,6 +44,7 @@ from ctid.agents.registry import Agent
 from ctid.config import Config
 from ctid.events.schema import AGENT_STATES
 from ctid.events.stats import StatsSnapshotter
+from ctid.store.calls import QueueOutcome
 
 __all__ = ["STATES", "QueueFigures", "QueueStatsFeed", "ServiceLevelDay"]
 
@@ -165,6 +172,38 @@ class QueueStatsFeed:
                          short_abandon_s: float) -> None:
         """The caller hung up after waiting ``wait_s`` in the queue (short under ``short_abandon_s``)."""
         self._day(queue_id, tenant).record_abandoned(now, wait_s, short_abandon_s)
+
+    def rebuild(self, outcomes: Iterable[QueueOutcome], now: datetime) -> int:
+        """Recount today's service level from stored calls (see the module docstring);
+        returns how many calls were counted. Call it before any live record."""
+        known = {queue_id: tenant for queue_id, tenant in self._figures.queue_ids()} if self._figures else {}
+        counted = 0
+        for outcome in outcomes:
+            queue_id = outcome.data.get("queue")
+            enqueued = outcome.data.get("enqueued_at")
+            if not isinstance(queue_id, str) or known.get(queue_id) != outcome.tenant:
+                continue
+            if not isinstance(enqueued, int | float) or isinstance(enqueued, bool):
+                continue
+            zone = self._zone(outcome.tenant)
+            today = now.astimezone(zone).date()
+            if outcome.answered_at is not None:
+                if "agent_id" not in outcome.data or outcome.answered_at.astimezone(zone).date() != today:
+                    continue
+                self.record_answered(queue_id, outcome.tenant, outcome.answered_at,
+                                     max(0.0, outcome.answered_at.timestamp() - float(enqueued)))
+            elif (outcome.hangup_by == "caller" and outcome.ended_at is not None and "callback_id" not in outcome.data
+                  and outcome.ended_at.astimezone(zone).date() == today):
+                try:
+                    short = self._config.queue(queue_id).short_abandon_s
+                except KeyError:
+                    continue
+                self.record_abandoned(queue_id, outcome.tenant, outcome.ended_at,
+                                      max(0.0, outcome.ended_at.timestamp() - float(enqueued)), short)
+            else:
+                continue
+            counted += 1
+        return counted
 
     def service_level(self, queue_id: str) -> ServiceLevelDay | None:
         return self._sl.get(queue_id)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, Table, select
+from sqlalchemy import Select, Table, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
@@ -247,6 +247,32 @@ class CallStore:
         query = query.order_by(Call.created_at.desc(), Call.call_id.desc()).limit(limit)
         async with self._sessions() as session:
             return [_to_record(call) for call in (await session.scalars(query)).all()]
+
+
+    async def queue_outcomes_since(self, since: datetime, limit: int = 500_000) -> list[QueueOutcome]:
+        """The calls answered or ended at or after ``since`` whose data names a queue:
+        what the day's service level is rebuilt from after a restart (no legs loaded)."""
+        query = (select(Call.tenant, Call.answered_at, Call.ended_at, Call.hangup_by, Call.data)
+                 .where(or_(Call.answered_at >= since, Call.ended_at >= since))
+                 .order_by(Call.created_at).limit(limit))
+        async with self._sessions() as session:
+            rows = (await session.execute(query)).all()
+        out: list[QueueOutcome] = []
+        for tenant, answered_at, ended_at, hangup_by, data in rows:
+            if isinstance(data, Mapping) and isinstance(data.get("queue"), str):
+                out.append(QueueOutcome(tenant, answered_at, ended_at, hangup_by, dict(data)))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOutcome:
+    """What :meth:`CallStore.queue_outcomes_since` gives for one call."""
+
+    tenant: str
+    answered_at: datetime | None
+    ended_at: datetime | None
+    hangup_by: str | None
+    data: dict[str, Any]
 
 
 def _with_legs() -> Select[Call]:
