@@ -5,7 +5,7 @@
     Asterisk --AMI--> AMIClient --ordered--> CallModel.feed --> _on_changes --+-> CallNotifier --> EventBus
             <--CoreShowChannels after every login (resync)--                  +-> CallRecorder (call records)
     dialplan --FastAGI--> FastAGIServer --> routes["inbound"]                  '-> CallEnricher (CRM lookup)
-                          (sets __CTID_CALL_ID, tenant, line)
+                          (sets __CTID_CALL_ID, tenant, line; IVR flow or queue; "checkin", "survey")
     desktops, CRMs --HTTP/websocket--> ApiServer --> AgentRegistry --agent.state--> EventBus (+ queue.stats)
 
     EventBus --seq--> live sinks: MQTTPublisher (QoS 1, retained state), ApiServer's hub (websockets)
@@ -26,9 +26,14 @@ With ``[acd] sync_fallback_members``, :class:`~ctid.acd.fallback.FallbackSync` a
 every ``agent.state`` event and each AMI login, and keeps the native fail-open queue's
 members equal to the logged-in agents (``QueueAdd``/``QueueRemove``/``QueuePause``).
 
-Until the IVR and ACD issues land, the ``inbound`` FastAGI script identifies the call
-(``__CTID_CALL_ID``, ``__CTID_TENANT``, ``__CTID_SERVICE_LINE``) and hands it to the
-native fallback queue with ``CTID_ROUTE=fallback`` (see ``dialplans/ctid.conf``).
+FastAGI scripts: ``inbound`` identifies the call (``__CTID_CALL_ID``, ``__CTID_TENANT``,
+``__CTID_SERVICE_LINE``), then runs the line's IVR flow (:class:`~ctid.ivr.runner.FlowRunner`;
+its exit is carried out here: a queue through the dispatcher, ``CTID_ROUTE`` transfer,
+voicemail or release for the dialplan, the line's ``fallback_queue`` on a runtime error)
+or queues it straight away; a line with neither, or an unknown DNIS, goes to the native
+fallback queue (``CTID_ROUTE=fallback``, see ``dialplans/ctid.conf``). ``checkin`` is the
+dispatcher's hold check-in; ``survey`` runs a queue's post-call survey flow and publishes
+``call.survey``. Flow runs and survey answers are written by :class:`~ctid.store.ivr.IVRStore`.
 """
 
 from __future__ import annotations
