@@ -65,19 +65,13 @@ from ctid.asterisk.safety import (
     check_extension,
     check_id,
 )
+from ctid.ids import Id
 from ctid.ivr.model import FlowConfig, flow_problems
 
 _DNIS_RE = re.compile(r"^(\+?[0-9*#]{1,32}|s)$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 _E164_RE = re.compile(r"\+[1-9][0-9]{1,14}")
 _TARGET_RE = re.compile(r"queue:(?P<queue>.+)|voicemail|callback|hangup")
-
-
-def _check_id(value: str) -> str:
-    try:
-        return check_id(value)
-    except UnsafeValueError:
-        raise ValueError("must match [A-Za-z0-9_.-]{1,64} and not be only dots") from None
 
 
 def _no_crlf(value: str) -> str:
@@ -117,7 +111,6 @@ def _valid_id(value: str) -> bool:
     return True
 
 
-Id = Annotated[str, AfterValidator(_check_id)]
 SkillExpression = Annotated[str, AfterValidator(_check_expression)]
 """A skill expression (grammar in :mod:`ctid.acd.expr`), kept as the text."""
 Target = Annotated[str, AfterValidator(_check_target)]

@@ -46,7 +46,8 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ctid.asterisk.safety import UnsafeValueError, check_context, check_extension, check_id
+from ctid.asterisk.safety import UnsafeValueError, check_context, check_extension
+from ctid.ids import Id
 from ctid.ivr.conditions import ConditionError, parse_condition
 from ctid.ivr.hours import Schedule, ScheduleError
 
@@ -84,13 +85,6 @@ REF_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
 """The fields of each node type that name another node (``menu.choices`` too)."""
 
 
-def _check_id(value: str) -> str:
-    try:
-        return check_id(value)
-    except UnsafeValueError:
-        raise ValueError("must match [A-Za-z0-9_.-]{1,64} and not be only dots") from None
-
-
 def _check_prompt(value: str) -> str:
     if not _PROMPT_RE.fullmatch(value) or ".." in value:
         raise ValueError(f"{value!r} is not a sound file name (letters, digits, _ - . /, no '..', "
@@ -119,7 +113,7 @@ def _check_context(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
-NodeId = Annotated[str, AfterValidator(_check_id)]
+NodeId = Id
 Prompt = Annotated[str, AfterValidator(_check_prompt)]
 Var = Annotated[str, AfterValidator(_check_var)]
 Prompts = Annotated[list[Prompt], Field(min_length=1, max_length=20)]

@@ -342,14 +342,20 @@ class FlowRunner:
 
     # ---------------------------------------------------------------- nodes
 
+    async def _key(self, session: AGISession, run: IVRRun, prompts: list[str], timeout_s: float) -> str | None:
+        """One key: the one typed ahead, else one pressed during the prompts, else one
+        within ``timeout_s`` after them; None on silence."""
+        digit = run.pending_digit
+        run.pending_digit = None
+        if digit is None:
+            digit = await self._prompts(session, run, prompts, DIGITS)
+        if digit is None:
+            digit = await self._wait_digit(session, timeout_s)
+        return digit
+
     async def _menu(self, session: AGISession, run: IVRRun, node_id: str, node: MenuNode, step: Step) -> str:
         for attempt in range(node.retries + 1):
-            digit = run.pending_digit
-            run.pending_digit = None
-            if digit is None:
-                digit = await self._prompts(session, run, node.prompts, DIGITS)
-            if digit is None:
-                digit = await self._wait_digit(session, node.timeout_s)
+            digit = await self._key(session, run, node.prompts, node.timeout_s)
             if digit is not None and digit in node.choices:
                 step.input = digit
                 self._event(run, node_id, "input", value=digit)
@@ -393,12 +399,7 @@ class FlowRunner:
 
     async def _collect(self, session: AGISession, run: IVRRun, node: InputNode) -> str | None:
         """Keys up to the terminator, ``max_length`` keys, or a timeout; None: nothing."""
-        first = run.pending_digit
-        run.pending_digit = None
-        if first is None:
-            first = await self._prompts(session, run, node.prompts, DIGITS)
-        if first is None:
-            first = await self._wait_digit(session, node.first_digit_timeout_s)
+        first = await self._key(session, run, node.prompts, node.first_digit_timeout_s)
         if first is None:
             return None
         digits = ""
@@ -414,12 +415,7 @@ class FlowRunner:
 
     async def _survey(self, session: AGISession, run: IVRRun, node_id: str, node: SurveyNode, step: Step) -> str:
         for attempt in range(node.retries + 1):
-            digit = run.pending_digit
-            run.pending_digit = None
-            if digit is None:
-                digit = await self._prompts(session, run, node.prompts, DIGITS)
-            if digit is None:
-                digit = await self._wait_digit(session, node.timeout_s)
+            digit = await self._key(session, run, node.prompts, node.timeout_s)
             if digit is not None and digit in "12345":
                 run.scores[node.question] = int(digit)
                 step.input = digit
