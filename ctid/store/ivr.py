@@ -26,6 +26,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ctid.store.models import IVRSession, SurveyResult
+from ctid.store.recorder import write_loop
 
 log = structlog.get_logger(__name__)
 
@@ -74,16 +75,7 @@ class IVRStore:
         self._wake.set()
 
     async def run(self) -> None:
-        delay = self._interval
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(delay)
-            self._wake.clear()
-            if await self.flush():
-                delay = self._interval
-            else:
-                self._wake.set()
-                delay = min(30.0, max(delay * 2, 0.5))
+        await write_loop(self._wake, self.flush, self._interval)
 
     async def flush(self) -> bool:
         """Write everything buffered; True when all of it was written."""

@@ -7,6 +7,7 @@ step without ever making the model wait for it (see :class:`CallRecorder`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import structlog
 from sqlalchemy import exc as sa_exc
@@ -65,16 +66,7 @@ class CallRecorder:
         self._dirty.pop(call_id, None)
 
     async def run(self) -> None:
-        delay = self._interval
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(delay)
-            self._wake.clear()
-            if await self.flush():
-                delay = self._interval
-            else:
-                self._wake.set()
-                delay = min(30.0, max(delay * 2, 0.5))
+        await write_loop(self._wake, self.flush, self._interval)
 
     async def flush(self) -> bool:
         """Write everything dirty; True when all of it was written.
@@ -116,6 +108,21 @@ class CallRecorder:
             log.info("store.recovered", written=self.written)
             self.last_error = None
         return True
+
+
+async def write_loop(wake: asyncio.Event, flush: Callable[[], Awaitable[bool]], interval: float) -> None:
+    """A writer task: once ``wake`` is set, wait ``interval`` (batching what else comes),
+    then ``flush()``; a failed flush retries with backoff (doubling, 0.5 s to 30 s)."""
+    delay = interval
+    while True:
+        await wake.wait()
+        await asyncio.sleep(delay)
+        wake.clear()
+        if await flush():
+            delay = interval
+        else:
+            wake.set()
+            delay = min(30.0, max(delay * 2, 0.5))
 
 
 def _is_record_error(exc: Exception) -> bool:
