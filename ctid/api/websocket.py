@@ -10,13 +10,20 @@ every client message is ``{"op": ..., "req_id": ..., ...}`` and gets exactly one
 Fan-out
     :class:`EventHub` is the one sink this module adds to the bus. The bus calls
     :meth:`EventHub.offer` synchronously, in ``seq`` order, with the payload it
-    serialised once; the hub appends that same string to the bounded send queue
-    (``APIConfig.ws_queue``) of each connection that may see the event and wants it,
-    and returns. Each connection has its own writer task that drains its queue, so a
-    slow client only fills its own queue. When a queue is full the hub drops the
-    client at once: it leaves the index, and its connection is closed with 1008
-    (the close frame goes out after what was already written; if the client does not
-    answer within the close timeout its TCP connection is aborted).
+    serialised once; the hub encodes it and builds its websocket frame once, appends
+    it to the log of each audience (the connections with the same principal and
+    filters) that may see the event and wants it, and returns. The hub's pump then
+    writes the frames to the sockets, a bounded number of connections per loop
+    iteration, all the events a connection has not had yet in one write (see
+    :class:`EventHub`). A connection that is caught up gets them on its socket
+    directly; one that is not (its resume replay is running, or its queue is not
+    empty) gets them through its bounded send queue (``APIConfig.ws_queue``), which
+    its own writer task drains, so a slow client only fills its own queue. A client is
+    slow when its queue is full, when more than ``ws_queue`` events wait for it in the
+    log, or when more than ``ws_queue`` KiB sit unsent on its socket: the hub drops it
+    at once: it leaves the index, and its connection is closed with 1008 (the close
+    frame goes out after what was already written; if the client does not answer
+    within the close timeout its TCP connection is aborted).
 
 Resume without a gap or a duplicate
     The connection joins the hub *first*, so every event published from then on is
@@ -55,7 +62,8 @@ from ctid.asterisk.safety import UnsafeValueError, check_id
 from ctid.config import APIConfig, QueueConfig
 from ctid.events.schema import EVENT_TYPES, Event, format_ts
 
-__all__ = ["HEARTBEAT_S", "REPLAY_PAGE", "Connection", "EventHub", "Filters", "ReplayBus", "WebsocketEndpoint"]
+__all__ = ["HEARTBEAT_S", "PUMP_CHUNK", "REPLAY_PAGE", "Connection", "EventHub", "Filters", "ReplayBus",
+           "WebsocketEndpoint"]
 
 log = structlog.get_logger(__name__)
 
@@ -125,10 +133,20 @@ class Connection:
     closing: asyncio.Future[tuple[int, bytes]] = field(init=False)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     expiry: asyncio.TimerHandle | None = None
+    #: The hub's group this connection streams in (while ``streaming``).
+    audience: _Audience | None = field(default=None, repr=False)
+    #: Position in the audience's log of the next event to send (see :class:`EventHub`).
+    cursor: int = 0
+    #: Unsent bytes in the socket's buffer above which the client is slow.
+    max_unsent: int = field(init=False)
+    _socket: asyncio.Transport | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(self.queue_size)
         self.closing = asyncio.get_running_loop().create_future()
+        self.max_unsent = self.queue_size * 1024
+        writer = getattr(self.ws, "_writer", None)  # set by prepare(): the connection's transport
+        self._socket = getattr(writer, "transport", None)
 
     def wants(self, event: Event) -> bool:
         return self.principal is not None and self.principal.sees(event) and self.filters.match(event)
@@ -145,13 +163,32 @@ class Connection:
         """The socket to write frames on directly, when the fast path may be used: the
         connection is streaming live (not replaying), nothing is queued before this
         event, and the socket is open. None sends the event through the queue."""
-        if not self.released.is_set() or not self.queue.empty():
+        if not self.released.is_set() or self.queue.qsize():
             return None
-        writer = getattr(self.ws, "_writer", None)
-        transport = getattr(writer, "transport", None)
+        transport = self._socket
         if transport is None or transport.is_closing():
             return None
-        return transport  # type: ignore[no-any-return]
+        return transport
+
+    def deliver(self, batch: list[_Queued]) -> int | None:
+        """Hand over events one by one (the hub's path for a connection that is not
+        caught up, or whose resume replay overlaps the batch): the ones the replay sent
+        already are skipped. Returns how many were handed over; None when the client is
+        slow (its queue overflowed, or too much is unsent on its socket)."""
+        transport = self.transport()
+        handed = 0
+        for seq, data, frame in batch:
+            if transport is None:
+                if not self.push(seq, data):
+                    return None
+            elif seq > self.floor:
+                if transport.get_write_buffer_size() > self.max_unsent:
+                    return None
+                transport.write(frame)
+            else:
+                continue
+            handed += 1
+        return handed
 
     def close_soon(self, code: int, reason: bytes) -> None:
         if not self.closing.done():
@@ -180,66 +217,189 @@ def _text_frame(data: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, n) + data
 
 
+#: An event on its way out: (seq, payload, the websocket frame of it).
+_Queued = tuple[int, bytes, bytes]
+_AudienceKey = tuple[Principal, Filters]
+#: Connections the hub writes to before it lets the loop run other work again.
+PUMP_CHUNK: Final = 256
+
+
+class _Audience:
+    """The connections that see exactly the same events (same principal, same filters),
+    and the log of the events offered to them that some member may still need:
+    ``log[i]`` is the event at position ``base + i``."""
+
+    __slots__ = ("base", "filters", "log", "mark", "members", "principal")
+
+    def __init__(self, principal: Principal, filters: Filters) -> None:
+        self.principal = principal
+        self.filters = filters
+        self.members: dict[Connection, None] = {}  # insertion-ordered set
+        self.log: list[_Queued] = []
+        self.base = 0
+        self.mark = 0  # the end of the log when the current rotation started
+
+    def wants(self, event: Event) -> bool:
+        return self.principal.sees(event) and self.filters.match(event)
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.log)
+
+
 class EventHub:
     """The websocket fan-out: one bus sink, indexed by scope so an event visits only
-    the connections that may see it."""
+    the connections that may see it.
+
+    Connections are grouped by scope (admins; a tenant; an agent), and within a scope
+    by audience: the connections with the same principal and filters, which see the
+    same events. :meth:`offer` decides once per audience whether it wants the event,
+    appends it to the audience's log, and returns; it never touches a socket.
+
+    The sockets are written by the pump: rotations over the members of the audiences
+    with events logged, :data:`PUMP_CHUNK` connections per loop iteration
+    (``call_soon``), so the loop never stops for longer than that many writes, whatever
+    the number of clients. A visit writes the connection every event of its audience's
+    log past its cursor, in one ``transport.write``. When the loop keeps up that is one
+    event, sent at once; when a rotation over thousands of sockets takes longer than
+    the gap between events, the events offered meanwhile share one write, so the
+    number of socket writes per second stays near what the machine can do instead of
+    growing with the event rate, and an event waits about one rotation at most (the
+    time between two visits of a connection). A rotation starts when an event is
+    offered and another follows while events came in during the last one; at its end,
+    the log entries every member has passed are dropped."""
 
     name = "websocket"
 
     def __init__(self) -> None:
         self._open: set[Connection] = set()
-        self._admins: set[Connection] = set()
-        self._tenants: dict[str, set[Connection]] = {}
-        self._agents: dict[str, set[Connection]] = {}
+        self._admins: dict[_AudienceKey, _Audience] = {}
+        self._tenants: dict[str, dict[_AudienceKey, _Audience]] = {}
+        self._agents: dict[str, dict[_AudienceKey, _Audience]] = {}
+        self._streaming: dict[Connection, None] = {}
+        self._active: dict[_Audience, None] = {}  # audiences whose log is not empty
+        self._ring: list[Connection] = []  # the current rotation (members join it at the next one)
+        self._pos = 0  # the next connection of the ring to visit
+        self._offered = False  # an event came in during the current rotation
+        self._pump: asyncio.Handle | None = None
         self.slow_drops = 0
         self.delivered = 0
+        self.writes = 0
 
     def __len__(self) -> int:
         return len(self._open)
 
     @property
     def streaming(self) -> int:
-        return len(self._admins) + sum(map(len, self._tenants.values())) + sum(map(len, self._agents.values()))
+        return len(self._streaming)
 
     def offer(self, event: Event, payload: str) -> None:
         """Called by the bus for each event, in ``seq`` order; never blocks.
 
         The payload is encoded once, and the websocket frame built once, for every
-        client. A client that is streaming live with nothing queued gets the frame
-        written to its socket at once (no task switch per client per event); the others
-        get it through their bounded queue. A client is slow, and closed with 1008, when
-        its queue is full or its socket holds more than ``queue_size`` KiB unsent."""
-        dropped: list[Connection] = []
-        data = payload.encode("utf-8")
-        frame: bytes | None = None
-        for group in self._groups(event):
-            for conn in group:
-                if not conn.wants(event):
+        client; the pump writes it out, starting in this loop iteration."""
+        item: _Queued | None = None
+        for scope in self._scopes(event):
+            for audience in scope.values():
+                if not audience.wants(event):
                     continue
-                transport = conn.transport()
-                if transport is not None:
-                    if transport.get_write_buffer_size() > conn.queue_size * 1024:
-                        dropped.append(conn)
-                        continue
-                    if frame is None:
-                        frame = _text_frame(data)
-                    transport.write(frame)
-                    self.delivered += 1
-                elif conn.push(event.seq, data):
-                    self.delivered += 1
-                else:
-                    dropped.append(conn)
-        for conn in dropped:
-            self._drop_slow(conn)
+                if item is None:
+                    data = payload.encode("utf-8")
+                    item = (event.seq, data, _text_frame(data))
+                audience.log.append(item)
+                self._active[audience] = None
+        if item is not None:
+            self._offered = True
+            if self._pump is None:
+                self._pump = asyncio.get_running_loop().call_soon(self._pump_step)
         return None
 
-    def _groups(self, event: Event) -> list[set[Connection]]:
-        groups = [self._admins]
+    def _pump_step(self) -> None:
+        """Visit the next :data:`PUMP_CHUNK` connections of the rotation."""
+        self._pump = None
+        if self._pos == 0:  # a rotation starts: the members of the audiences with events logged
+            self._ring = [conn for active in self._active for conn in active.members]
+            for active in self._active:
+                active.mark = active.end
+            self._offered = False
+        ring, start = self._ring, self._pos
+        stop = min(len(ring), start + PUMP_CHUNK)
+        dropped: list[Connection] = []
+        # Neighbours in the ring mostly share an audience and a cursor: one join for them.
+        last: tuple[_Audience | None, int, int] = (None, 0, 0)
+        batch: list[_Queued] = []
+        blob = b""
+        delivered = writes = 0
+        for index in range(start, stop):
+            conn = ring[index]
+            audience = conn.audience
+            if audience is None:  # stopped streaming
+                continue
+            cursor, end = conn.cursor, audience.end
+            if cursor >= end:
+                continue
+            if end - cursor > conn.queue_size:
+                dropped.append(conn)
+                continue
+            if last != (audience, cursor, end):
+                last = (audience, cursor, end)
+                batch = audience.log[cursor - audience.base:]
+                blob = batch[0][2] if len(batch) == 1 else b"".join([frame for _, _, frame in batch])
+            conn.cursor = end
+            transport = conn.transport()
+            if transport is not None and conn.floor < batch[0][0]:
+                if transport.get_write_buffer_size() > conn.max_unsent:
+                    dropped.append(conn)
+                    continue
+                transport.write(blob)
+                delivered += len(batch)
+                writes += 1
+                continue
+            handed = conn.deliver(batch)
+            if handed is None:
+                dropped.append(conn)
+            else:
+                delivered += handed
+        self.delivered += delivered
+        self.writes += writes
+        self._pos = stop
+        for conn in dropped:
+            self._drop_slow(conn)
+        if stop < len(ring):
+            self._pump = asyncio.get_running_loop().call_soon(self._pump_step)
+            return
+        # The rotation is over: every member has passed its audience's mark.
+        self._pos = 0
+        self._ring = []
+        for audience in list(self._active):
+            del audience.log[:max(0, audience.mark - audience.base)]
+            audience.base = max(audience.base, audience.mark)
+            if not audience.log:
+                del self._active[audience]
+        if self._offered:
+            self._pump = asyncio.get_running_loop().call_soon(self._pump_step)
+
+    def catch_up(self, conn: Connection) -> None:
+        """Hand ``conn`` now what its audience logged for it and the pump has not sent
+        yet: before a reply, so that it never overtakes an event offered before it."""
+        audience = conn.audience
+        if audience is None or conn.cursor >= audience.end:
+            return
+        batch = audience.log[conn.cursor - audience.base:]
+        conn.cursor = audience.end
+        handed = conn.deliver(batch)
+        if handed is None:
+            self._drop_slow(conn)
+        else:
+            self.delivered += handed
+
+    def _scopes(self, event: Event) -> list[dict[_AudienceKey, _Audience]]:
+        scopes = [self._admins]
         if event.tenant is not None and event.tenant in self._tenants:
-            groups.append(self._tenants[event.tenant])
+            scopes.append(self._tenants[event.tenant])
         if event.agent_id is not None and event.agent_id in self._agents:
-            groups.append(self._agents[event.agent_id])
-        return groups
+            scopes.append(self._agents[event.agent_id])
+        return scopes
 
     def register(self, conn: Connection) -> None:
         self._open.add(conn)
@@ -249,31 +409,60 @@ class EventHub:
         self._open.discard(conn)
 
     def start_stream(self, conn: Connection) -> None:
-        """From now on, events ``conn`` may see are queued for it."""
+        """From now on, events ``conn`` may see (and its filters select) are queued for it."""
         principal = conn.principal
         assert principal is not None, "only authenticated connections stream"
+        scope = self._scope_of(principal)
+        key = (principal, conn.filters)
+        audience = scope.get(key)
+        if audience is None:
+            audience = scope[key] = _Audience(principal, conn.filters)
+        audience.members[conn] = None
+        conn.audience = audience
+        conn.cursor = audience.end  # what was offered before now is not for ``conn``
         conn.streaming = True
-        self._group_of(principal).add(conn)
+        self._streaming[conn] = None
+
+    def refilter(self, conn: Connection, filters: Filters) -> None:
+        """New filters for ``conn``: for the events offered from now on (those offered
+        before go out under the old ones)."""
+        if not conn.streaming:
+            conn.filters = filters
+            return
+        self.catch_up(conn)
+        if not conn.streaming:  # dropped as slow on the way
+            return
+        self.stop_stream(conn)
+        conn.filters = filters
+        self.start_stream(conn)
 
     def stop_stream(self, conn: Connection) -> None:
-        if not conn.streaming or conn.principal is None:
+        audience = conn.audience
+        if not conn.streaming or audience is None:
             return
         conn.streaming = False
-        principal = conn.principal
-        group = self._group_of(principal)
-        group.discard(conn)
-        if not group and group is not self._admins:
+        conn.audience = None
+        self._streaming.pop(conn, None)
+        audience.members.pop(conn, None)
+        if audience.members:
+            return
+        self._active.pop(audience, None)
+        principal = audience.principal
+        scope = self._scope_of(principal)
+        scope.pop((principal, audience.filters), None)
+        if not scope and scope is not self._admins:
             if principal.role is Role.AGENT:
                 self._agents.pop(principal.agent_id or "", None)
             else:
                 self._tenants.pop(principal.tenant or "", None)
 
-    def _group_of(self, principal: Principal) -> set[Connection]:
+    def _scope_of(self, principal: Principal) -> dict[_AudienceKey, _Audience]:
+        """The principal's scope in the index (created empty if it has none)."""
         if principal.role is Role.ADMIN:
             return self._admins
         if principal.role is Role.AGENT:
-            return self._agents.setdefault(principal.agent_id or "", set())
-        return self._tenants.setdefault(principal.tenant or "", set())
+            return self._agents.setdefault(principal.agent_id or "", {})
+        return self._tenants.setdefault(principal.tenant or "", {})
 
     def _drop_slow(self, conn: Connection) -> None:
         self.stop_stream(conn)
@@ -400,6 +589,7 @@ class WebsocketEndpoint:
         conn.close_soon(WSCloseCode.POLICY_VIOLATION, b"authentication timeout")
 
     async def _send(self, conn: Connection, obj: Mapping[str, Any]) -> None:
+        self._hub.catch_up(conn)  # e.g. the agent.state a command published goes before its ack
         with contextlib.suppress(ConnectionError):
             await conn.ws.send_str(_dumps(obj))
 
@@ -499,7 +689,7 @@ class WebsocketEndpoint:
     async def _op_subscribe(self, conn: Connection, req_id: object, obj: Mapping[str, Any],
                             principal: Principal) -> None:
         _only(obj, "subscribe", {"types", "queues", "agent_ids"})
-        conn.filters = self._filters(obj, principal)
+        self._hub.refilter(conn, self._filters(obj, principal))
         if not conn.streaming:
             self._hub.start_stream(conn)
             conn.released.set()
