@@ -342,6 +342,17 @@ async def test_transfer_leaves_through_the_dialplan(tmp_path: Path, target: dict
     assert watcher.exit()["exit_reason"] == "transferred"  # type: ignore[index]
 
 
+async def test_a_transfer_to_a_missing_extension_goes_to_the_fallback_queue(tmp_path: Path) -> None:
+    nodes = {"out": {"type": "transfer", "extension": "1009"}}  # not in the site's dialplan
+    config = flow_config(sqlite(tmp_path), 1, nodes=nodes, start="out")
+    async with running(config) as (_daemon, sim, _watcher, _, _):
+        chan = sim.inbound_call(dnis="300", caller=NUMBER)
+        await until(lambda: "ctid-fallback" in contexts(sim), 15)
+        assert chan.name in sim.pbx.channels  # the caller waits in the native queue, not dropped
+        await sim.caller_hangup(chan)
+    assert "ctid-transfer" in contexts(sim)
+
+
 async def test_a_transfer_to_a_number_the_policy_refuses_falls_back(tmp_path: Path) -> None:
     nodes = {"out": {"type": "transfer", "number": "+4420799999"}}
     config = flow_config(sqlite(tmp_path), 1, nodes=nodes, start="out", line={"fallback_queue": "backup"})

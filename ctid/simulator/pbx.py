@@ -601,6 +601,19 @@ class PBX:
             allowed, _, value = arg.partition(",")
             keep = _filter_chars(allowed)
             return "".join(c for c in value if c in keep)
+        if func == "DIALPLAN_EXISTS":
+            # func_dialplan: context[,extension[,priority]] -> 1 when it exists, else 0.
+            parts = [p.strip() for p in arg.split(",")]
+            context = parts[0]
+            if len(parts) == 1:
+                return "1" if context in self.dialplan.contexts else "0"
+            ext = self.dialplan.find_extension(context, parts[1])
+            if ext is None:
+                return "0"
+            if len(parts) == 2 or not parts[2]:
+                return "1"
+            number = self.dialplan.resolve_priority(context, parts[1], parts[2])
+            return "1" if number is not None and number in ext.steps else "0"
         if chan is None:
             return ""
         if func == "CALLERID":
