@@ -10,14 +10,19 @@ The simulator runs in a child process, as Asterisk is another process (on a 2-co
 machine it then has its own core); ``--sim-in-process`` puts it on the daemon's loop, as
 the tests do, which saturates that core at 200 calls/s.
 
-The trigger (until the ACD lands there is no ``call.offered``): a bus sink of the
-bench's own. When ``call.started`` goes out (it is held until ctid's FastAGI script
-has identified the call, so it leaves while ctid ingests the AMI ``VarSet`` of
-``CTID_CALL_ID``) the sink records ``t0 = perf_counter()`` and starts a task that
-builds a schema-valid ``call.offered`` for that call (``call_data(call)`` plus the
-offered fields) and sends it with ``bus.publish_and_wait``, as the ACD's dispatcher
-will. Receipt is ``perf_counter()`` in this process when the subscriber (aiomqtt,
-``ctid/v1/acme/calls/+``) and the websocket client (aiohttp, supervisor token) get it.
+The simulator's AMI user reads what the sample ``asterisk-conf/manager.conf`` grants
+ctid (``read = system,call,agent,user``, the simulator's default), so, as in production,
+the simulator does not serialize or send ``VarSet``, ``Newexten``, ``AGIExec*`` or
+``DTMF*`` events to ctid (and ctid's Login asks for just those four classes).
+
+``--no-acd`` trigger: a bus sink of the bench's own. When ``call.started`` goes out (it
+is held until ctid's FastAGI script has identified the call, so it leaves when that
+script binds the channel to its id, ``CallModel.bind_call_id``) the sink records
+``t0 = perf_counter()`` and starts a task that builds a schema-valid ``call.offered``
+for that call (``call_data(call)`` plus the offered fields) and sends it with
+``bus.publish_and_wait``, as the ACD's dispatcher will. Receipt is ``perf_counter()``
+in this process when the subscriber (aiomqtt, ``ctid/v1/acme/calls/+``) and the
+websocket client (aiohttp, supervisor token) get it.
 
 Baseline, same process, same broker, same payload size and rate: a bare aiomqtt
 publisher (QoS 1) to a bare aiomqtt subscriber, once on an idle process before the run

@@ -519,6 +519,15 @@ class Daemon:
                 log.warning("agi.unknown_dnis", dnis=dnis, action="fallback queue")
             try:
                 await session.set_variable("__CTID_CALL_ID", call_id)
+                # Bind the channel now: ctid's AMI user reads no VarSet (class dialplan) and the
+                # channel's next call event may be seconds away. Its Asterisk is taken to be the
+                # link whose model knows the Uniqueid, else the first link (one link today).
+                uid = session.uniqueid or ""  # agi_uniqueid
+                link = next((lk for lk in self.links.values() if lk.model.channel(uid) is not None),
+                            next(iter(self.links.values())))
+                changes = link.model.bind_call_id(uid, call_id, channel=session.channel)
+                if changes:
+                    self._on_changes(link, changes)
                 await session.set_variable("__CTID_TENANT", tenant)
                 if line is not None:
                     await session.set_variable("__CTID_SERVICE_LINE", line.id)

@@ -425,6 +425,62 @@ def test_annotate_and_to_record() -> None:
         model.annotate("nope", tenant="x")
 
 
+def _changes(changes: list[CallChange]) -> list[tuple[ChangeKind, str, str | None]]:
+    return [(c.kind, c.call_id, c.old_call_id) for c in changes]
+
+
+def test_bind_call_id_gives_the_changes_of_the_varset_it_replaces() -> None:
+    """ctid's FastAGI script binds the channel it identified: the ctid AMI user reads no
+    ``dialplan`` class, so no VarSet follows. Same changes as the VarSet would give."""
+    by_varset, by_agi = CallModel(FakeClock()), CallModel(FakeClock())
+    feed(by_varset, event("Newchannel", caller()))
+    feed(by_agi, event("Newchannel", caller()))
+    want = feed(by_varset, event("VarSet", caller(), Variable="__CTID_CALL_ID", Value="c-1"))
+    got = by_agi.bind_call_id("1.0", "c-1", channel="PJSIP/trunk-1.0")
+    assert _changes(got) == _changes(want) == [(ChangeKind.REKEYED, "c-1", "1.0")]
+    assert set(by_agi.calls) == {"c-1"} and not by_agi.calls["c-1"].provisional
+    # Again, or the ChanVariable of the next call event: already bound, nothing changes.
+    assert by_agi.bind_call_id("1.0", "c-1") == []
+    assert feed(by_agi, event("Newstate", caller(state="6", call_id="c-1"))) == []
+    # A channel the model knows only by name (the Uniqueid is not the one it has).
+    feed(by_agi, event("Newchannel", caller("2.0")))
+    assert _changes(by_agi.bind_call_id("", "c-2", channel="PJSIP/trunk-2.0")) == [
+        (ChangeKind.REKEYED, "c-2", "2.0")]
+
+
+def test_bind_call_id_before_the_newchannel_is_read_binds_when_it_arrives() -> None:
+    # The FastAGI session can be served before the AMI reader has got to the Newchannel.
+    model = CallModel(FakeClock())
+    assert model.bind_call_id("1.0", "early-1", channel="PJSIP/trunk-1.0") == []
+    changes = feed(model, event("Newchannel", caller()))
+    assert _changes(changes)[0] == (ChangeKind.STARTED, "early-1", None)
+    call = model.calls["early-1"]
+    assert not call.provisional and call.direction is Direction.INBOUND
+    assert [leg.uniqueid for leg in call.legs] == ["1.0"]
+
+
+def test_bind_call_id_of_a_channel_gone_or_an_unusable_id() -> None:
+    model = CallModel(FakeClock())
+    feed(model, event("Newchannel", caller()), event("Hangup", caller(), Cause="16"))
+    assert model.bind_call_id("1.0", "late") == []
+    feed(model, event("Newchannel", block("PJSIP/trunk-1.0", "1.0")))  # dead Uniqueid: not adopted
+    assert model.calls == {}
+    feed(model, event("Newchannel", caller("2.0")))
+    assert kinds(model.bind_call_id("2.0", "bad id/")) == [ChangeKind.DIAGNOSTIC]
+    assert set(model.calls) == {"2.0"} and model.calls["2.0"].provisional
+
+
+def test_bind_call_id_moves_a_leg_of_another_identified_call() -> None:
+    model = CallModel(FakeClock())
+    feed(model, event("Newchannel", caller("1.0", call_id="a")),
+         event("Newchannel", agent("1.1", "1.0", state="0")))
+    assert [leg.uniqueid for leg in model.calls["a"].legs] == ["1.0", "1.1"]
+    changes = model.bind_call_id("1.1", "b")
+    assert [(c.kind, c.call_id) for c in changes] == [(ChangeKind.STARTED, "b"), (ChangeKind.LEG_ADDED, "b")]
+    assert [leg.uniqueid for leg in model.calls["b"].legs] == ["1.1"]
+    assert [leg.uniqueid for leg in model.calls["a"].legs] == ["1.0"]
+
+
 # --------------------------------------------------------------------- resync
 
 

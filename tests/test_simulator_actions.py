@@ -128,7 +128,8 @@ async def test_queuesummary_shape_and_values() -> None:
 async def test_setvar_then_getvar_round_trip() -> None:
     cap = {m.get("ActionID"): m for m in captured("13", "ctiref-003") + captured("13", "ctiref-006")}
     plan = Dialplan.from_text("[from-trunk]\nexten => 600,1,Answer()\n same => n,Wait(60)\n")
-    async with Simulator(dialplan=plan, time_scale=SCALE, channelvars=["CTID_CALL_ID"]) as sim:
+    # About the VarSet event (class dialplan): a user that reads every class.
+    async with Simulator(dialplan=plan, time_scale=SCALE, channelvars=["CTID_CALL_ID"], ami_read="all") as sim:
         rec = Recorder(sim)
         await rec.open()
         sim.inbound_call(dnis="600", caller="+15551230001")

@@ -5,6 +5,11 @@ socket and every response/event is compared with the capture: header names and t
 order exactly, values exactly except the ones that depend on time, process or socket
 (listed in ``VOLATILE``). ``PJSIPShowEndpoint`` (ctiref-011) is not simulated and is
 left out of the comparison; it is checked to fail loudly instead.
+
+The captures had ``read = all``; the simulator's users read ``system,call,agent,user`` by
+default, as the sample ``asterisk-conf/manager.conf`` gives ctid. Both are checked here:
+the replay of 01 runs with the capture's users, and a user without ``dialplan`` read gets
+no ``VarSet``/``Newexten``, whatever its Login's ``Events:``.
 """
 
 from __future__ import annotations
@@ -12,10 +17,16 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from ctid.asterisk.ami_protocol import AMIParser, Greeting, Message
-from ctid.simulator import Simulator
+from ctid.simulator import AMIUser, Dialplan, Simulator, load_manager_conf
+from ctid.simulator.config import AMI_CLASSES, DEFAULT_AMI_READ, ami_classes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "asterisk22"
+ROOT = Path(__file__).resolve().parent.parent
+#: The capture instance's users (``read = all``): the replay of 01 has the security events.
+CAPTURE_USERS = load_manager_conf(FIXTURES / "asterisk-conf-used" / "manager.conf")
 VOLATILE = {
     "Timestamp", "EventTV", "SessionTV", "SessionID", "LocalAddress", "RemoteAddress", "Uptime",
     "LastReload", "LoginTime", "CoreStartupDate", "CoreStartupTime", "CoreReloadDate",
@@ -57,7 +68,8 @@ def belongs_to_skipped(m: Message) -> bool:
 
 async def test_capture_01_replay_matches_headers_and_order() -> None:
     raw_cap, expected = capture("01-login-and-idle.ami")
-    async with Simulator(dialplan=FIXTURES / "asterisk-conf-used" / "extensions.conf", strict=False) as sim:
+    async with Simulator(dialplan=FIXTURES / "asterisk-conf-used" / "extensions.conf", strict=False,
+                         users=CAPTURE_USERS) as sim:
         reader, writer = await asyncio.open_connection("127.0.0.1", sim.ami_port)
         for act in actions("01-login-and-idle.sent.txt"):
             writer.write(act)
@@ -146,3 +158,65 @@ async def test_systemname_header_and_uniqueid_prefix() -> None:
     assert newchan.headers[2] == ("SystemName", "pbx1")
     assert (newchan.get("Uniqueid") or "").startswith("pbx1-")
     assert all(m.get("SystemName") is None for m in msgs if m.is_response)
+
+
+# -- read classes ------------------------------------------------------------------------
+
+READ_PLAN = """[from-trunk]
+exten => 200,1,Answer()
+ same => n,Set(__CTID_CALL_ID=abc123)
+ same => n,Wait(2)
+ same => n,Hangup()
+"""
+
+
+def test_default_read_is_the_sample_manager_confs_ctid_user() -> None:
+    sample = load_manager_conf(ROOT / "asterisk-conf" / "manager.conf")
+    assert sample["ctid"].read == ami_classes(DEFAULT_AMI_READ) == {"system", "call", "agent", "user"}
+    assert AMIUser("x").read == sample["ctid"].read
+    assert CAPTURE_USERS["ctid"] == AMIUser("ctidpass", AMI_CLASSES)  # the capture instance: read = all
+    with pytest.raises(ValueError, match="dialpan"):
+        ami_classes("call,dialpan")
+
+
+async def test_events_go_only_to_sessions_whose_read_and_events_have_every_class() -> None:
+    users = {"ctid": "ctidpass", "root": AMIUser.of("rootpass", "all"), "calls": AMIUser.of("callspass", "call")}
+    logins = {  # session -> (user, Events:)
+        "ctid": ("ctid", "on"),            # the sample manager.conf's read
+        "ctid-dialplan": ("ctid", "dialplan,call"),  # asks for dialplan: read does not allow it
+        "root": ("root", "on"),            # read = all
+        "root-call": ("root", "call"),     # read = all, but asks for call only
+        "calls": ("calls", "on"),          # read = call: no system, so no FullyBooted
+    }
+    async with Simulator(dialplan=Dialplan.from_text(READ_PLAN), users=users, time_scale=0.01) as sim:
+        conns = {}
+        for name, (user, events) in logins.items():
+            reader, writer = await asyncio.open_connection("127.0.0.1", sim.ami_port)
+            secret = user + "pass" if user != "ctid" else "ctidpass"
+            writer.write(f"Action: Login\r\nUsername: {user}\r\nSecret: {secret}\r\nEvents: {events}\r\n\r\n"
+                         .encode())
+            await reader.readuntil(b"Authentication accepted\r\n\r\n")
+            conns[name] = (reader, writer)
+        sim.inbound_call(dnis="200", caller="+15551230001", dtmf="12", dtmf_after=0.1)
+        await sim.wait_idle()
+        got: dict[str, set[str]] = {}
+        for name, (reader, writer) in conns.items():
+            writer.write(b"Action: Logoff\r\n\r\n")
+            data = await read_all(reader)
+            writer.close()
+            parser = AMIParser(expect_greeting=False)  # the greeting was read with the Login response
+            got[name] = {m.name for m in parser.feed(data) if isinstance(m, Message) and m.is_event}
+    emitted = {m.name for m in sim.events}
+    dialplan_class = {"VarSet", "Newexten"}
+    assert dialplan_class | {"DTMFBegin", "DTMFEnd"} <= emitted  # the PBX did emit them
+    call_class = {"Newchannel", "Newstate", "Hangup"}
+    # The sample read: call events, FullyBooted, none of dialplan, dtmf or security.
+    assert call_class | {"FullyBooted"} <= got["ctid"]
+    assert not got["ctid"] & (dialplan_class | {"DTMFBegin", "DTMFEnd", "SuccessfulAuth"})
+    # Events: dialplan,call: the call events, never a dialplan one (read decides).
+    assert call_class <= got["ctid-dialplan"] and not got["ctid-dialplan"] & dialplan_class
+    assert "FullyBooted" not in got["ctid-dialplan"]  # Events: lacks system
+    # read = all gets everything; Events: call narrows it to the call class.
+    assert dialplan_class | call_class | {"DTMFEnd", "SuccessfulAuth", "FullyBooted"} <= got["root"]
+    assert call_class <= got["root-call"] and not got["root-call"] & (dialplan_class | {"DTMFEnd", "FullyBooted"})
+    assert call_class <= got["calls"] and "FullyBooted" not in got["calls"]

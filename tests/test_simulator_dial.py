@@ -192,7 +192,9 @@ async def test_dial_transfer_options_outside_a_queue(dial: str, transferer: str,
     gets the features.conf ``atxfer`` hook: for the other one AMI ``Atxfer`` is DTMF."""
     eps = default_endpoints()
     eps["agent1001"].ring_s = 5.0 if "&" in dial else 1.0
-    async with Simulator(dialplan=plan(dial), features=FEATURES, endpoints=eps, time_scale=SCALE) as sim:
+    # The Recorder reads the dtmf class: the other party's Atxfer shows as DTMF events.
+    async with Simulator(dialplan=plan(dial), features=FEATURES, endpoints=eps, time_scale=SCALE,
+                         ami_read="all") as sim:
         rec = Recorder(sim)
         await rec.open()
         sim.inbound_call(dnis="600", caller="+15551230001")

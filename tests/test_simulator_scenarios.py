@@ -19,6 +19,10 @@ both ``BridgeLeave`` events before either ``Hangup``.
 07b (REGISTER/unREGISTER of agent2001) has no call: it is compared message by message,
 ``ContactStatus``, ``PeerStatus``, ``DeviceStateChange``, ``ExtensionStatus`` and the list
 actions included (:func:`test_capture_07b_register_unregister_matches`).
+
+The captures were taken with ``read = all`` (``asterisk-conf-used/manager.conf``), so the
+simulator runs with the users of that file (:data:`CAPTURE_USERS`), not with its default
+``read`` (the sample manager.conf's ``system,call,agent,user``).
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from pathlib import Path
 import pytest
 
 from ctid.asterisk.ami_protocol import AMIParser, Message
-from ctid.simulator import Endpoint, Simulator
+from ctid.simulator import Endpoint, Simulator, load_manager_conf
 from ctid.simulator.config import default_endpoints
 
 FIXTURES = Path(__file__).parent / "fixtures" / "asterisk22"
 CONF = FIXTURES / "asterisk-conf-used"
 SCALE = 0.01
+#: The AMI users of the capture instance: ctid/ctidpass with ``read = all``.
+CAPTURE_USERS = load_manager_conf(CONF / "manager.conf")
 
 LIFECYCLE = {
     "Newchannel", "Newstate", "DialBegin", "DialState", "DialEnd", "BridgeCreate", "BridgeEnter",
@@ -121,7 +127,9 @@ class Recorder:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.sim.ami_port)
         self.task = asyncio.create_task(self._read())
         self.send(b"Action: Login\r\nActionID: ctiref-001\r\nUsername: ctid\r\nSecret: ctidpass\r\nEvents: on\r\n\r\n")
-        await self.wait_for(lambda m: m.name == "SuccessfulAuth")
+        # FullyBooted and SuccessfulAuth (for a user that reads their classes) are queued
+        # with the response, so whatever is sent next is answered after them.
+        await self.wait_for(lambda m: m.is_response and m.get("ActionID") == "ctiref-001")
 
     async def _read(self) -> None:
         while True:
@@ -196,7 +204,7 @@ async def run_scenario(prefix: str, dialplans: list[Path], driver: Driver, *,
     capture = parse_capture(ami[0])
     actions = sent_actions(ami[0].with_suffix(".sent.txt"))
     sim = Simulator(dialplan=dialplans, time_scale=SCALE, channelvars=channelvars,
-                    endpoints=endpoints, features=features, strict=False)
+                    endpoints=endpoints, features=features, strict=False, users=CAPTURE_USERS)
     await sim.start()
     rec = Recorder(sim)
     try:
@@ -401,7 +409,7 @@ async def test_capture_07b_register_unregister_matches() -> None:
     path = FIXTURES / "07b-register-unregister-devicestate.ami"
     capture = parse_capture(path)
     actions = sent_actions(path.with_suffix(".sent.txt"))
-    sim = Simulator(dialplan=MAIN, time_scale=SCALE, strict=False)
+    sim = Simulator(dialplan=MAIN, time_scale=SCALE, strict=False, users=CAPTURE_USERS)
     await sim.start()
     rec = Recorder(sim)
     try:

@@ -97,7 +97,8 @@ async def test_atxfer_completes_and_leaves_transferee_with_target() -> None:
 
 async def test_atxfer_without_transfer_feature_is_only_dtmf() -> None:
     plan = Dialplan.from_text("[from-agents]\nexten => 1002,1,Dial(PJSIP/agent1002,20)\n same => n,Hangup()\n")
-    async with Simulator(dialplan=plan, time_scale=SCALE, features=FEATURES) as sim:
+    # The Recorder reads the dtmf class: without the feature hook the Atxfer is DTMF events.
+    async with Simulator(dialplan=plan, time_scale=SCALE, features=FEATURES, ami_read="all") as sim:
         rec = Recorder(sim)
         await rec.open()
         await originate(rec)

@@ -24,6 +24,15 @@ Call identity
     ``Value``), the channel's own ``ChanVariable``, ``DestChanVariable`` on
     ``DialBegin``, or ``ChanVariable(<channel>)`` on ``OriginateResponse``.
 
+    The ctid AMI user does not read the ``dialplan`` class (manager.conf
+    ``read``), so in production no ``VarSet`` arrives, and a channel's next call
+    event may be seconds away (an IVR prompt, a hold). So the FastAGI script that
+    sets the variable also tells the model at once: :meth:`CallModel.bind_call_id`
+    (its ``agi_uniqueid``) makes the same changes a ``VarSet`` would. A channel the
+    model has not seen yet (its ``Newchannel`` still unread on the AMI socket) is
+    bound when it appears. The AMI paths stay: they bind after a restart
+    (resync), and legs ctid did not identify itself (dialled agents, originates).
+
     Until an id is known, a channel belongs to a *provisional* call keyed by its
     ``Linkedid``: new channels attach to the call of their Linkedid, and a call
     whose key is a Linkedid also receives channels that name it (``ChannelId`` on
@@ -499,6 +508,8 @@ class CallModel:
         self._dead_calls = _Recent(remember)
         self._ended = _RecentCalls(max(16, remember // 64))
         self._expected: set[str] = set()
+        #: Uniqueid -> call id that ctid set before the model saw the channel (bind_call_id).
+        self._pending_ids: dict[str, str] = {}
         self._resyncing = False
         self._resync_items: list[Message] = []
         self._resync_live: set[str] = set()
@@ -574,6 +585,27 @@ class CallModel:
         if data:
             call.data.update(data)
         return call
+
+    def bind_call_id(self, uniqueid: str, call_id: str, *, channel: str | None = None) -> list[CallChange]:
+        """ctid has set ``__CTID_CALL_ID`` to ``call_id`` on this channel: bind it now.
+
+        Returns the changes the ``VarSet`` of the variable would give: ``rekeyed`` for
+        a provisional call (or a merge into the call that has the id), the leg moved to
+        that call otherwise, nothing if it is already bound, a ``diagnostic`` for an
+        unusable id. ``uniqueid`` is the channel's (FastAGI ``agi_uniqueid``);
+        ``channel`` (its name) is tried when the Uniqueid is unknown. A channel the
+        model has not seen yet is bound when it appears (no change now); a channel
+        that has hung up is ignored.
+        """
+        leg = self._by_uid.get(uniqueid) or (self._by_name.get(channel) if channel else None)
+        out: list[CallChange] = []
+        if leg is not None:
+            self._bind(leg, call_id, None, out)
+        elif uniqueid and uniqueid not in self._dead_legs:
+            if len(self._pending_ids) > 4096:  # channels that never showed up; keep it bounded
+                self._pending_ids.clear()
+            self._pending_ids[uniqueid] = call_id
+        return out
 
     def expect_hangup(self, channel_or_uniqueid: str) -> None:
         """ctid is about to hang this channel up: count that hangup as ``ctid``'s."""
@@ -737,6 +769,9 @@ class CallModel:
         linkedid = event.get(keys.linkedid) or uid
         code = event.get(keys.state) or _DOWN
         call_id = _ctid_value(event, keys.chanvar)
+        if self._pending_ids:
+            pending = self._pending_ids.pop(uid, "")
+            call_id = call_id or pending
         rejected = ""
         if call_id and not self._usable_id(call_id):
             rejected, call_id = call_id, ""

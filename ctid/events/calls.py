@@ -11,9 +11,12 @@ call event shares the same base fields.
 One call, one ``call_id``
     Asterisk announces a channel (``Newchannel``) before ctid's FastAGI script has set
     ``__CTID_CALL_ID``, so the model first knows an inbound call under its Linkedid and
-    re-keys it a moment later. Publishing at once would give one call two ids. So the
-    events of a call that has no ctid id yet are *held* until the id arrives (then they
-    go out under it), the call ends, or ``identify_grace`` seconds pass (a call ctid
+    re-keys it a moment later, when the script binds it (``CallModel.bind_call_id``: no
+    ``VarSet`` reaches ctid, whose AMI user does not read the ``dialplan`` class; after a
+    restart, the ``ChanVariable`` of the call's next event does it). Publishing at once
+    would give one call two ids. So the events of a call that has no ctid id yet are
+    *held* until the id arrives (then they go out under it), the call ends, or
+    ``identify_grace`` seconds pass (a call ctid
     never handles, e.g. an internal call, or every call while FastAGI is down); then they
     go out under the Linkedid, and that first published id stays the call's id on the
     wire for its whole life, even if a ctid id turns up later.

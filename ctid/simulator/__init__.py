@@ -13,18 +13,21 @@ How it fits together::
       ├── SimClock (clock.py)        time_scale: simulated seconds -> real seconds
       └── faults.py / config.py      fault toggles; endpoints, native queues, features.conf
 
-The PBX emits every event once; the AMI server fans it out to the sessions that asked
-for its class. Tests drive calls with :meth:`Simulator.inbound_call`,
+The PBX emits every event once; the AMI server fans it out to the sessions whose user
+reads its class (``read``, by default the sample manager.conf's ``system,call,agent,user``)
+and whose Login asked for it (``Events:``). Tests drive calls with :meth:`Simulator.inbound_call`,
 :meth:`Simulator.caller_hangup`, scripted :class:`Endpoint` behaviour, and AMI actions
 through a real socket (``Simulator.ami_port`` on 127.0.0.1).
 """
 
 from ctid.simulator.config import (
+    AMIUser,
     Endpoint,
     FeatureConfig,
     QueueConfig,
     QueueMember,
     load_features_conf,
+    load_manager_conf,
     load_queues_conf,
 )
 from ctid.simulator.dialplan import Dialplan, DialplanError, UnsupportedApplication
@@ -34,6 +37,7 @@ from ctid.simulator.simulator import Simulator
 __all__ = [
     "AGIFaults",
     "AMIFaults",
+    "AMIUser",
     "Dialplan",
     "DialplanError",
     "Endpoint",
@@ -43,5 +47,6 @@ __all__ = [
     "Simulator",
     "UnsupportedApplication",
     "load_features_conf",
+    "load_manager_conf",
     "load_queues_conf",
 ]

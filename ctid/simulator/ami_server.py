@@ -13,8 +13,20 @@ Wire behaviour and where it comes from (``tests/fixtures/asterisk22``):
 * the unknown-action error text and its ``RequestBadFormat`` event (01);
 * EventLists: ``EventList: start`` + ``Message``, items carrying the ActionID,
   ``<X>Complete`` with ``EventList: Complete`` and ``ListItems: N`` (01, 13);
-* events go only to logged-in sessions whose ``Events:`` allows the event's class;
-  with ``systemname`` every queued event gets ``SystemName:`` as its third line (18);
+* **read classes** (``manager.c`` ``process_events``): an event's ``Privilege:`` names
+  its classes, followed by ``all`` (which is no class of its own: Asterisk prints it for
+  every event). A logged-in session gets the event only if *every* one of those classes
+  is both in its user's ``read`` (:class:`~ctid.simulator.config.AMIUser`, by default
+  ``system,call,agent,user`` as in the sample ``asterisk-conf/manager.conf``) and in the
+  ``Events:`` header of its Login (``on``/absent: every class, ``off``: none, else a
+  list of class names; unknown names are ignored, numeric masks are not simulated). So
+  ``VarSet`` (``dialplan,all``) never reaches a user without ``dialplan`` read,
+  whatever its ``Events:``; the login's ``FullyBooted`` needs ``system`` in both, and
+  ``SuccessfulAuth``/``RequestBadFormat`` need ``security``. Responses and EventList
+  items (``CoreShowChannel``, ``Status``, ``DeviceStateChange`` of
+  ``DeviceStateList`` ...) are answers to the session's own action and are never
+  filtered;
+* with ``systemname`` every queued event gets ``SystemName:`` as its third line (18);
 * ``Logoff`` -> ``Goodbye`` / ``Thanks for all the fish.`` and close.
 
 Each session has one writer task fed by a bounded queue, so responses and events keep
@@ -28,12 +40,13 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ctid.asterisk.ami_protocol import AMIParser, AMIProtocolError, Message, serialize
 from ctid.simulator.channels import Channel, Fields, Location
+from ctid.simulator.config import AMI_CLASSES, AMIUser
 from ctid.simulator.faults import AMIFaults
 
 if TYPE_CHECKING:
@@ -44,6 +57,8 @@ log = logging.getLogger("ctid.simulator.ami")
 GREETING = b"Asterisk Call Manager/11.0.0\r\n"
 UNKNOWN = "Invalid/unknown command: {}. Use Action: ListCommands to show available commands."
 _CLOSE = b""
+_EVENTS_ON = frozenset({"on", "yes", "true", "y", "t", "all"})
+_EVENTS_OFF = frozenset({"off", "no", "false", "n", "f", "0"})
 
 
 class Session:
@@ -57,7 +72,8 @@ class Session:
         self.number = number
         self.authenticated = False
         self.username = ""
-        self.event_classes: set[str] | None = set()  # None = all
+        #: read classes of the user ∩ classes of the Login's ``Events:`` (set at login).
+        self.event_classes: frozenset[str] = frozenset()
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=server.queue_limit)
         self.closed = False
         self.sent_bytes = 0
@@ -88,12 +104,8 @@ class Session:
                 self.writer.close()
 
     def wants(self, privilege: str) -> bool:
-        if not self.authenticated or (self.event_classes is not None and not self.event_classes):
-            return False
-        if self.event_classes is None:
-            return True
-        classes = {c.strip() for c in privilege.lower().split(",")} - {"all"}
-        return bool(classes & self.event_classes)
+        """Whether an event with this ``Privilege:`` value goes to this session."""
+        return self.authenticated and privilege_classes(privilege) <= self.event_classes
 
     async def write_loop(self) -> None:
         faults = self.server.faults
@@ -133,6 +145,18 @@ class Session:
                 await asyncio.sleep(faults.write_pause or 0.005)
 
 
+_PRIVILEGES: dict[str, frozenset[str]] = {}
+
+
+def privilege_classes(privilege: str) -> frozenset[str]:
+    """The classes of a ``Privilege:`` value (``"dialplan,all"`` -> ``{"dialplan"}``)."""
+    classes = _PRIVILEGES.get(privilege)
+    if classes is None:  # a handful of distinct values: parsed once each
+        classes = frozenset(c.strip() for c in privilege.lower().split(",")) - {"all", ""}
+        _PRIVILEGES[privilege] = classes
+    return classes
+
+
 def _split_inside_utf8(data: bytes) -> list[bytes]:
     """Split the bytes inside every multi-byte UTF-8 character."""
     pieces: list[bytes] = []
@@ -146,9 +170,10 @@ def _split_inside_utf8(data: bytes) -> list[bytes]:
 
 
 class AMIServer:
-    """asyncio TCP server speaking AMI 11.0.0 on 127.0.0.1."""
+    """asyncio TCP server speaking AMI 11.0.0 on 127.0.0.1. ``users``: the manager.conf
+    users by name (secret and ``read`` classes)."""
 
-    def __init__(self, pbx: PBX, *, users: dict[str, str], host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, pbx: PBX, *, users: Mapping[str, AMIUser], host: str = "127.0.0.1", port: int = 0,
                  systemname: str | None = None, faults: AMIFaults | None = None,
                  queue_limit: int = 50000) -> None:
         self.pbx = pbx
@@ -331,19 +356,14 @@ class AMIServer:
     # -- login ------------------------------------------------------------------------
     def a_login(self, s: Session, a: Message) -> None:
         user = a.get("Username") or ""
-        if user not in self.users or self.users[user] != (a.get("Secret") or ""):
+        account = self.users.get(user)
+        if account is None or account.secret != (a.get("Secret") or ""):
             self.error(s, a, "Authentication failed")
             s.close()
             return
         s.authenticated = True
         s.username = user
-        events = (a.get("Events") or "on").strip().lower()
-        if events in ("on", "yes", "true", "all"):
-            s.event_classes = None
-        elif events in ("off", "no", "false"):
-            s.event_classes = set()
-        else:
-            s.event_classes = {c.strip() for c in events.split(",")}
+        s.event_classes = account.read & _events_header(a.get("Events"))
         self.respond(s, a, "Success", message="Authentication accepted")
         if s.wants("system,all"):
             uptime = str(int(time.time() - self.started))
@@ -756,6 +776,18 @@ class AMIServer:
                 self.error(s, a, "Originate failed")
 
         self.pbx.spawn(sync(), f"originate-sync {channel}")
+
+
+def _events_header(value: str | None) -> frozenset[str]:
+    """The classes a Login's ``Events:`` asks for (``manager.c`` ``strings_to_mask``)."""
+    events = (value or "").strip().lower()
+    if not events or events in _EVENTS_ON:
+        return AMI_CLASSES
+    if events in _EVENTS_OFF:
+        return frozenset()
+    # A list of class names ("system,call"); "all" in it means every class.
+    named = {c.strip() for c in events.split(",")}
+    return AMI_CLASSES if "all" in named else frozenset(named) & AMI_CLASSES
 
 
 def _tv(ts: float | None = None) -> str:

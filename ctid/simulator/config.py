@@ -10,10 +10,19 @@ queues ``support`` (rrmemory, 1001+1002, timeout 15, retry 2) and ``sales`` (rin
 :class:`FeatureConfig` is ``features.conf``. Its defaults are Asterisk's built-in ones, in
 which ``atxfer`` has no code, so the AMI ``Atxfer`` action fails until a
 ``features.conf`` with ``[featuremap] atxfer = ...`` is given (06c).
+
+:class:`AMIUser` is one ``manager.conf`` user: its secret and its ``read`` event classes.
+The default ``read`` is :data:`DEFAULT_AMI_READ`, the classes of the ``[ctid]`` user of
+the repo's sample ``asterisk-conf/manager.conf`` (``system,call,agent,user``), not the
+``read = all`` of the capture instance: ctid in production never sees ``VarSet``,
+``Newexten``, ``AGIExec*``, ``DTMF*``, CEL or Cdr, so neither do the tests, unless they ask
+for ``"all"`` (the capture comparisons do). :func:`load_manager_conf` reads the users of
+a ``manager.conf``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,3 +179,63 @@ def load_features_conf(path: str | Path) -> FeatureConfig:
         elif section == "general" and key in ("transferdigittimeout", "atxfernoanswertimeout"):
             setattr(conf, key, float(value))
     return conf
+
+
+#: The AMI event classes of Asterisk 22 (``manager.c`` ``perms[]``, without ``all`` and
+#: ``none``). ``read``/``Events:`` name them; an event's ``Privilege:`` lists its classes
+#: followed by ``all``.
+AMI_CLASSES: frozenset[str] = frozenset({
+    "system", "call", "log", "verbose", "command", "agent", "user", "config", "dtmf", "reporting",
+    "cdr", "dialplan", "originate", "agi", "cc", "aoc", "test", "security", "message",
+})
+#: ``read =`` of the ``[ctid]`` user in ``asterisk-conf/manager.conf`` (a test checks
+#: that the two agree).
+DEFAULT_AMI_READ = "system,call,agent,user"
+
+
+def ami_classes(spec: str | Iterable[str]) -> frozenset[str]:
+    """The event classes of a ``read =`` value: ``"system,call"``, an iterable of class
+    names, or ``"all"``. An unknown name raises ValueError (Asterisk would ignore it, but
+    here it is a typo in a test or the demo)."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    classes = {name.strip().lower() for name in names if name.strip()}
+    if "all" in classes:
+        return AMI_CLASSES
+    unknown = classes - AMI_CLASSES
+    if unknown:
+        raise ValueError(f"unknown AMI event class(es): {', '.join(sorted(unknown))}")
+    return frozenset(classes)
+
+
+@dataclass(frozen=True, slots=True)
+class AMIUser:
+    """One ``manager.conf`` user. ``read``: the event classes its sessions may receive
+    (see :func:`ami_classes`). The simulator has no ``write`` classes: every action is
+    allowed to every user that logged in."""
+
+    secret: str
+    read: frozenset[str] = field(default_factory=lambda: ami_classes(DEFAULT_AMI_READ))
+
+    @classmethod
+    def of(cls, secret: str, read: str | Iterable[str] = DEFAULT_AMI_READ) -> AMIUser:
+        return cls(secret, ami_classes(read))
+
+
+def load_manager_conf(path: str | Path) -> dict[str, AMIUser]:
+    """Read the users of a ``manager.conf``: every section but ``[general]``, with its
+    ``secret`` and ``read`` (a user without ``read`` receives no events). ``#include``
+    lines are ignored, and a ``[name](+)`` section adds to ``[name]``."""
+    users: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.split(";", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            name = line[1:line.index("]")].strip()
+            current = None if name.lower() == "general" else users.setdefault(name, {})
+            continue
+        key, sep, value = line.partition("=")
+        if current is not None and sep:
+            current[key.strip().lower()] = value.lstrip(">").strip()
+    return {name: AMIUser.of(opts.get("secret", ""), opts.get("read", "")) for name, opts in users.items()}

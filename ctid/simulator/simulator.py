@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ctid.asterisk.ami_protocol import Message
@@ -11,6 +11,8 @@ from ctid.simulator.ami_server import AMIServer
 from ctid.simulator.channels import Channel
 from ctid.simulator.clock import SimClock
 from ctid.simulator.config import (
+    DEFAULT_AMI_READ,
+    AMIUser,
     Endpoint,
     FeatureConfig,
     QueueConfig,
@@ -33,13 +35,21 @@ class Simulator:
     shows the URL as written). ``time_scale`` scales every simulated delay.
     ``features``: a ``features.conf`` path or a :class:`FeatureConfig` (default: Asterisk's
     built-in feature map, which has no ``atxfer`` code, so AMI ``Atxfer`` fails).
+
+    ``users``: the AMI users by name, each a secret or an :class:`AMIUser` (default
+    ``{"ctid": "ctidpass"}``, the capture instance's). A user given by its secret reads
+    the classes ``ami_read`` (default ``system,call,agent,user``, the sample
+    ``asterisk-conf/manager.conf``; ``"all"`` for every class, as in the captures): its
+    sessions get no ``VarSet``, ``Newexten``, ``AGIExec*``, ``DTMF*``, security events...
+    unless it reads their class (see :mod:`ctid.simulator.ami_server`).
     """
 
     def __init__(
         self,
         *,
         dialplan: str | Path | Iterable[str | Path] | Dialplan | None = None,
-        users: dict[str, str] | None = None,
+        users: Mapping[str, str | AMIUser] | None = None,
+        ami_read: str | Iterable[str] = DEFAULT_AMI_READ,
         channelvars: Iterable[str] = (),
         systemname: str | None = None,
         endpoints: dict[str, Endpoint] | None = None,
@@ -78,7 +88,9 @@ class Simulator:
             prompts=prompts, agi_faults=self.agi_faults,
             features=load_features_conf(features) if isinstance(features, (str, Path)) else features,
         )
-        self.ami = AMIServer(self.pbx, users=users or {"ctid": "ctidpass"}, host=host, port=port,
+        accounts = {name: user if isinstance(user, AMIUser) else AMIUser.of(user, ami_read)
+                    for name, user in (users or {"ctid": "ctidpass"}).items()}
+        self.ami = AMIServer(self.pbx, users=accounts, host=host, port=port,
                              systemname=systemname, faults=self.ami_faults)
         self.events: list[Message] = []  # every event, for tests
         self._waiters: list[tuple[asyncio.Future[Message], str, dict[str, str]]] = []
