@@ -436,8 +436,14 @@ class MQTTPublisher:
     async def _acknowledge(self, window: asyncio.Semaphore, inflight: asyncio.Queue[_InFlight]) -> None:
         while True:
             entry = await inflight.get()
-            # Raises MqttError when the broker does not acknowledge: the session ends.
-            await asyncio.gather(*entry.publishes)
+            # Usually the PUBACKs are in already: then no await at all (a gather per event
+            # costs two loop passes, and at a few thousand events/s the acknowledging fell
+            # behind the broker and stalled the window).
+            pending = [task for task in entry.publishes if not task.done()]
+            if pending:
+                await asyncio.wait(pending)
+            for task in entry.publishes:
+                task.result()  # raises MqttError when the broker did not acknowledge: the session ends
             window.release()
             head = self._unacked.popleft()
             assert head is entry.item, "acknowledgements out of order"
