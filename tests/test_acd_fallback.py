@@ -1,11 +1,10 @@
 """``[acd] sync_fallback_members``: ctid keeps the native ``ctid-fallback`` queue's members
 equal to its logged-in agents (``ctid.acd.fallback``).
 
-The simulator implements ``QueueStatus`` and ``QueuePause`` but not ``QueueAdd`` or
-``QueueRemove``. The end-to-end tests install test-side handlers for those two on the
-simulator's AMI server (recording every action and editing the simulated queue's member
-list the way app_queue does, with its error messages); the simulator's code is not
-changed. The unit tests drive :class:`FallbackSync` with a recording fake AMI client.
+The end-to-end tests drive the simulator, which answers ``QueueStatus``, ``QueueAdd``,
+``QueueRemove`` and ``QueuePause`` as app_queue does (with its error messages); they
+record every queue action ctid sends. The unit tests drive :class:`FallbackSync` with a
+recording fake AMI client.
 """
 
 from __future__ import annotations
@@ -212,8 +211,8 @@ def test_the_sync_is_off_by_default() -> None:
 
 
 def install_queue_actions(sim: Simulator) -> list[tuple[str, dict[str, str]]]:
-    """Test-side QueueAdd/QueueRemove for the simulator (as app_queue answers them), and a
-    record of every queue action ctid sends."""
+    """A record of every queue action ctid sends to the simulator (which answers them as
+    app_queue does)."""
     sent: list[tuple[str, dict[str, str]]] = []
     ami = sim.ami
 
@@ -223,37 +222,8 @@ def install_queue_actions(sim: Simulator) -> list[tuple[str, dict[str, str]]]:
             handler(session, action)
         return wrapped
 
-    def queue_add(session: Any, action: Message) -> None:
-        queue = sim.pbx.queues.get(action.get("Queue") or "")
-        if queue is None:
-            ami.error(session, action, "Unable to add interface to queue: No such queue")
-            return
-        interface = action.get("Interface") or ""
-        if any(m.interface == interface for m in queue.members):
-            ami.error(session, action, "Unable to add interface: Already there")
-            return
-        paused = (action.get("Paused") or "").lower() in ("true", "yes", "1")
-        queue.members.append(QueueMember(interface, action.get("MemberName") or interface, paused=paused,
-                                         membership="dynamic"))
-        ami.respond(session, action, "Success", message="Added interface to queue")
-
-    def queue_remove(session: Any, action: Message) -> None:
-        queue = sim.pbx.queues.get(action.get("Queue") or "")
-        if queue is None:
-            ami.error(session, action, "Unable to remove interface from queue: No such queue")
-            return
-        member = next((m for m in queue.members if m.interface == action.get("Interface")), None)
-        if member is None:
-            ami.error(session, action, "Unable to remove interface: Not there")
-        elif member.membership != "dynamic":
-            ami.error(session, action, "Member not dynamic")
-        else:
-            queue.members.remove(member)
-            ami.respond(session, action, "Success", message="Removed interface from queue")
-
-    ami.actions["queueadd"] = record("QueueAdd", queue_add)
-    ami.actions["queueremove"] = record("QueueRemove", queue_remove)
-    ami.actions["queuepause"] = record("QueuePause", ami.actions["queuepause"])
+    for name in ("QueueAdd", "QueueRemove", "QueuePause"):
+        ami.actions[name.lower()] = record(name, ami.actions[name.lower()])
     return sent
 
 

@@ -123,6 +123,32 @@ async def test_queuesummary_shape_and_values() -> None:
     assert not sim.errors
 
 
+async def test_queueadd_and_queueremove_as_app_queue_answers_them() -> None:
+    plan = Dialplan.from_text("[from-trunk]\nexten => 400,1,Answer()\n same => n,Hangup()\n")
+    async with Simulator(dialplan=plan, queues=support(), endpoints=default_endpoints(), time_scale=SCALE) as sim:
+        rec = Recorder(sim)
+        await rec.open()
+        added = await act(rec, "QueueAdd", "a1", Queue="support", Interface="PJSIP/agent2001", MemberName="2001",
+                          Paused="true", Reason="lunch")
+        again = await act(rec, "QueueAdd", "a2", Queue="support", Interface="PJSIP/agent2001")
+        nowhere = await act(rec, "QueueAdd", "a3", Queue="nope", Interface="PJSIP/agent2001")
+        static = await act(rec, "QueueRemove", "r1", Queue="support", Interface="PJSIP/agent1001")
+        removed = await act(rec, "QueueRemove", "r2", Queue="support", Interface="PJSIP/agent2001")
+        gone = await act(rec, "QueueRemove", "r3", Queue="support", Interface="PJSIP/agent2001")
+        await rec.logoff()
+    assert (added.get("Response"), added.get("Message")) == ("Success", "Added interface to queue")
+    assert (again.get("Response"), again.get("Message")) == ("Error", "Unable to add interface: Already there")
+    assert nowhere.get("Message") == "Unable to add interface to queue: No such queue"
+    assert (static.get("Response"), static.get("Message")) == ("Error", "Member not dynamic")
+    assert (removed.get("Response"), removed.get("Message")) == ("Success", "Removed interface from queue")
+    assert gone.get("Message") == "Unable to remove interface: Not there"
+    events = [m for m in rec.messages if m.name in ("QueueMemberAdded", "QueueMemberRemoved")]
+    assert [(m.name, m.get("Interface"), m.get("Membership"), m.get("Paused"), m.get("PausedReason"))
+            for m in events] == [("QueueMemberAdded", "PJSIP/agent2001", "dynamic", "1", "lunch"),
+                                 ("QueueMemberRemoved", "PJSIP/agent2001", "dynamic", "1", "lunch")]
+    assert [m.interface for m in sim.pbx.queues["support"].members] == ["PJSIP/agent1001", "PJSIP/agent1002"]
+
+
 # -- Setvar / Getvar ----------------------------------------------------------------------
 
 async def test_setvar_then_getvar_round_trip() -> None:

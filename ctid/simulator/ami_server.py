@@ -27,7 +27,11 @@ Wire behaviour and where it comes from (``tests/fixtures/asterisk22``):
   ``DeviceStateList`` ...) are answers to the session's own action and are never
   filtered;
 * with ``systemname`` every queued event gets ``SystemName:`` as its third line (18);
-* ``Logoff`` -> ``Goodbye`` / ``Thanks for all the fish.`` and close.
+* ``Logoff`` -> ``Goodbye`` / ``Thanks for all the fish.`` and close;
+* queue members as app_queue keeps them: ``QueueStatus``/``QueueSummary`` lists,
+  ``QueueAdd`` (a dynamic member, ``QueueMemberAdded``; "Already there"),
+  ``QueueRemove`` (dynamic members only: "Member not dynamic", "Not there";
+  ``QueueMemberRemoved``) and ``QueuePause`` (``QueueMemberPause``).
 
 Each session has one writer task fed by a bounded queue, so responses and events keep
 their order; it is also where the fault toggles of :mod:`ctid.simulator.faults` act on
@@ -46,7 +50,7 @@ from typing import TYPE_CHECKING
 
 from ctid.asterisk.ami_protocol import AMIParser, AMIProtocolError, Message, serialize
 from ctid.simulator.channels import Channel, Fields, Location
-from ctid.simulator.config import AMI_CLASSES, AMIUser
+from ctid.simulator.config import AMI_CLASSES, AMIUser, QueueConfig, QueueMember
 from ctid.simulator.faults import AMIFaults
 
 if TYPE_CHECKING:
@@ -199,7 +203,8 @@ class AMIServer:
             "blindtransfer": self.a_blindtransfer, "atxfer": self.a_atxfer, "hangup": self.a_hangup,
             "setvar": self.a_setvar, "getvar": self.a_getvar, "mixmonitor": self.a_mixmonitor,
             "stopmixmonitor": self.a_stopmixmonitor, "userevent": self.a_userevent,
-            "queuepause": self.a_queuepause, "login": self.a_login_again,
+            "queuepause": self.a_queuepause, "queueadd": self.a_queueadd, "queueremove": self.a_queueremove,
+            "login": self.a_login_again,
         }
 
     @property
@@ -721,6 +726,50 @@ class AMIServer:
         self.respond(s, a, "Success", message="Event Sent")
         self.pbx.emit("UserEvent", "user,all", fields)  # recorded and fanned out like any event
 
+    def _member_event(self, name: str, queue: QueueConfig, m: QueueMember) -> None:
+        """``QueueMemberPause`` / ``Added`` / ``Removed``: app_queue's member snapshot."""
+        self.pbx.emit(name, "agent,all", [
+            ("Queue", queue.name), ("MemberName", m.name), ("Interface", m.interface),
+            ("StateInterface", m.interface), ("Membership", m.membership),
+            ("Penalty", str(m.penalty)), ("CallsTaken", str(m.calls_taken)),
+            ("LastCall", str(m.last_call)), ("LastPause", "0"), ("LoginTime", "0"),
+            ("InCall", "0"), ("Status", "1"), ("Paused", "1" if m.paused else "0"),
+            ("PausedReason", m.paused_reason), ("Ringinuse", "0"), ("Wrapuptime", "0")])
+
+    def a_queueadd(self, s: Session, a: Message) -> None:
+        """app_queue's ``QueueAdd``: a dynamic member (``Paused`` optional), or its errors."""
+        queue = self.pbx.queues.get(a.get("Queue") or "")
+        interface = a.get("Interface") or ""
+        if queue is None or not interface:
+            self.error(s, a, "Unable to add interface to queue: No such queue" if queue is None
+                       else "'Interface' not specified.")
+            return
+        if any(m.interface == interface for m in queue.members):
+            self.error(s, a, "Unable to add interface: Already there")
+            return
+        paused = (a.get("Paused") or "").lower() in ("true", "yes", "1")
+        member = QueueMember(interface, a.get("MemberName") or interface, paused=paused, membership="dynamic",
+                             paused_reason=(a.get("Reason") or "") if paused else "")
+        queue.members.append(member)
+        self._member_event("QueueMemberAdded", queue, member)
+        self.respond(s, a, "Success", message="Added interface to queue")
+
+    def a_queueremove(self, s: Session, a: Message) -> None:
+        """app_queue's ``QueueRemove``: only dynamic members can go ("Member not dynamic")."""
+        queue = self.pbx.queues.get(a.get("Queue") or "")
+        if queue is None:
+            self.error(s, a, "Unable to remove interface from queue: No such queue")
+            return
+        member = next((m for m in queue.members if m.interface == a.get("Interface")), None)
+        if member is None:
+            self.error(s, a, "Unable to remove interface: Not there")
+        elif member.membership != "dynamic":
+            self.error(s, a, "Member not dynamic")
+        else:
+            queue.members.remove(member)
+            self._member_event("QueueMemberRemoved", queue, member)
+            self.respond(s, a, "Success", message="Removed interface from queue")
+
     def a_queuepause(self, s: Session, a: Message) -> None:
         iface = a.get("Interface") or ""
         paused = (a.get("Paused") or "").lower() in ("true", "yes", "1")
@@ -731,13 +780,7 @@ class AMIServer:
             for m in q.members:
                 if m.interface == iface:
                     m.paused, m.paused_reason, found = paused, (a.get("Reason") or "") if paused else "", True
-                    self.pbx.emit("QueueMemberPause", "agent,all", [
-                        ("Queue", q.name), ("MemberName", m.name), ("Interface", m.interface),
-                        ("StateInterface", m.interface), ("Membership", m.membership),
-                        ("Penalty", str(m.penalty)), ("CallsTaken", str(m.calls_taken)),
-                        ("LastCall", str(m.last_call)), ("LastPause", "0"), ("LoginTime", "0"),
-                        ("InCall", "0"), ("Status", "1"), ("Paused", "1" if m.paused else "0"),
-                        ("PausedReason", m.paused_reason), ("Ringinuse", "0"), ("Wrapuptime", "0")])
+                    self._member_event("QueueMemberPause", q, m)
         if not found:
             self.error(s, a, "Interface not found")
             return
