@@ -7,8 +7,10 @@ every event. The bench publishes on a wall-clock schedule (``bus.publish`` is
 synchronous; when the loop is late, the events that are due go out back to back, so the
 offered load stays at the asked rate) and stamps each ``seq`` with ``perf_counter()``
 just before ``bus.publish`` (so all that ctid does with the event, up to the last socket
-write, is inside the latency). The servers run on uvloop by default (``--loop``;
-``asyncio`` for the stdlib loop), and so do the clients (``--client-loop``).
+write, is inside the latency). The servers run on the loop ``ctid run`` picks:
+``--loop auto`` (the default) is resolved by ``ctid.cli.loop_factory``, as ``ctid run``
+does (uvloop when installed), ``uvloop`` or ``asyncio`` force one; the bench prints the
+loop that ran. The clients run on uvloop when installed (``--client-loop``).
 
 Clients, in ``--client-procs`` child processes (``bench/ws_clients.py``, default 1), so
 that the server process does not share its core with them on this 2-core machine (two
@@ -54,7 +56,7 @@ long each step held the loop, how long a rotation over the sockets took, and how
 events went out per socket write.
 
 Run: ``.venv/bin/python bench/ws_fanout.py [--clients 5000] [--rate 50] [--seconds 20]
-[--loop uvloop|asyncio] [--client-procs 1]`` (``flock /tmp/ctid-bench.lock`` in front on
+[--loop auto|uvloop|asyncio] [--client-procs 1]`` (``flock /tmp/ctid-bench.lock`` in front on
 a shared machine). Ctrl-C, an error or the overall timeout kill and reap the client
 processes; they also die with the bench (``PR_SET_PDEATHSIG``) and exit on their own
 when their stdin closes or their ``--lifetime`` ends.
@@ -92,14 +94,10 @@ from ctid import logs  # noqa: E402
 from ctid.agents import AgentRegistry  # noqa: E402
 from ctid.api import ApiServer  # noqa: E402
 from ctid.api.websocket import Connection  # noqa: E402
+from ctid.cli import LOOPS, loop_factory, loop_name  # noqa: E402
 from ctid.config import Config, parse  # noqa: E402
 from ctid.events.bus import EventBus  # noqa: E402
 from ctid.events.schema import Event  # noqa: E402
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - the bench extra installs it
-    uvloop = None  # type: ignore[assignment]
 
 TOKEN = "bench-supervisor-token-acme"
 TARGET_MS = 100.0
@@ -588,13 +586,14 @@ async def main_async(args: argparse.Namespace) -> int:
     args.clients = raise_fd_limit(args.clients)
     tmp = Path(tempfile.mkdtemp(prefix="ctid-bench-ws-"))
     log_path = tmp / "ctid.log"
-    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    server_loop = loop_name(asyncio.get_running_loop())
     try:
         with log_path.open("w") as log_file:
             logs.configure("info", "json", stream=log_file)
             asked = int(args.rate * args.seconds)
             print(f"{args.clients} clients (1 stalled) in {args.client_procs} client process(es) on "
-                  f"{args.client_loop}, servers on {loop_name}; {args.rate:g} events/s for {args.seconds:g} s, "
+                  f"{args.client_loop}, servers on {server_loop} (--loop {args.loop}, as ctid run); "
+                  f"{args.rate:g} events/s for {args.seconds:g} s, "
                   f"ws_queue {args.ws_queue}, {len(payload_for(1))}-byte events, drain allowance {args.drain:g} s")
             ctid, info = await ctid_phase(args, tmp)
             ctid_p99, ctid_bounded = report(ctid, asked)
@@ -648,7 +647,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    default_loop = "uvloop" if uvloop is not None else "asyncio"
+    default_client_loop = "uvloop" if loop_factory("auto") is not None else "asyncio"
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=5000)
     ap.add_argument("--rate", type=float, default=50.0, help="broadcast events per second")
@@ -658,9 +657,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100,
                     help="clients connected at a time (aiohttp listens with a backlog of 128)")
     ap.add_argument("--client-procs", type=int, default=1, help="child processes running the clients")
-    ap.add_argument("--loop", choices=("uvloop", "asyncio"), default=default_loop,
-                    help="event loop of the servers (ctid and the baseline alike)")
-    ap.add_argument("--client-loop", choices=("uvloop", "asyncio"), default=default_loop,
+    ap.add_argument("--loop", choices=LOOPS, default="auto",
+                    help="event loop of the servers (ctid and the baseline alike), chosen as by ctid run --loop")
+    ap.add_argument("--client-loop", choices=("uvloop", "asyncio"), default=default_client_loop,
                     help="event loop of the client processes")
     args = ap.parse_args()
 
@@ -668,9 +667,8 @@ def main() -> None:
         async with asyncio.timeout(2 * (args.seconds + args.drain) + 240):
             return await main_async(args)
 
-    if args.loop == "uvloop":
-        sys.exit(uvloop.run(bounded()))
-    sys.exit(asyncio.run(bounded()))
+    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+        sys.exit(runner.run(bounded()))
 
 
 if __name__ == "__main__":

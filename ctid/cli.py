@@ -1,11 +1,15 @@
 """The ``ctid`` command line.
 
-* ``ctid run -c ctid.toml``: the daemon, in the foreground, logging to stdout; SIGTERM
-  or SIGINT stop it cleanly (see ``ctid.app``).
+* ``ctid run -c ctid.toml [--loop auto|asyncio|uvloop]``: the daemon, in the foreground,
+  logging to stdout; SIGTERM or SIGINT stop it cleanly (see ``ctid.app``). ``--loop``
+  picks the event loop: ``auto`` (the default) runs uvloop when it can be imported, else
+  asyncio's own loop; ``uvloop`` without uvloop installed is a usage error (exit 2). The
+  log line ``ctid.event_loop`` (before ``ctid.starting``) names the loop that runs.
 * ``ctid check-config -c ctid.toml``: validate and print every problem (file, key,
   reason); exit 0 when valid, 2 when not.
 * ``ctid demo``: the daemon on embedded defaults (SQLite, no MQTT) with the built-in
-  Asterisk simulator acting as the PBX and generating inbound calls.
+  Asterisk simulator acting as the PBX and generating inbound calls; ``--loop`` as for
+  ``run``.
 * ``ctid db upgrade -c ctid.toml``: apply database migrations and exit.
 * ``ctid seed -c ctid.toml [--force]``: migrate, then add the config's agents, queues and
   skills that the database lacks and print what was done. Entries already in the
@@ -29,13 +33,62 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from ctid import __version__
 from ctid.config import Config, ConfigError, load, parse
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+#: ``--loop`` of ``run`` and ``demo``.
+LOOPS = ("auto", "asyncio", "uvloop")
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+class LoopUnavailable(Exception):
+    """``--loop uvloop`` where uvloop cannot be imported."""
+
+
+def loop_factory(choice: str) -> LoopFactory | None:
+    """The event loop factory for a ``--loop`` choice; None is asyncio's own loop.
+
+    ``auto`` is uvloop when it can be imported, else asyncio; ``uvloop`` raises
+    :class:`LoopUnavailable` when it cannot. The bench (``bench/ws_fanout.py``) resolves
+    its server loop with this, so it measures ctid on the loop ``ctid run`` picks."""
+    if choice not in LOOPS:
+        raise ValueError(f"unknown event loop {choice!r} (one of {', '.join(LOOPS)})")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError as exc:
+        if choice == "uvloop":
+            raise LoopUnavailable(f"--loop uvloop: uvloop cannot be imported ({exc})") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``uvloop`` or ``asyncio``: the package of the loop's class."""
+    return type(loop).__module__.split(".")[0]
+
+
+def _run_on_loop(choice: str, factory: LoopFactory | None, main: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run(main)`` on the chosen loop (``asyncio.Runner``: its
+    ``loop_factory`` exists from Python 3.11, ``asyncio.run``'s only from 3.12)."""
+
+    async def logged() -> int:
+        import structlog
+
+        structlog.get_logger(__name__).info("ctid.event_loop", loop=loop_name(asyncio.get_running_loop()),
+                                            requested=choice)
+        return await main
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(logged())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("-c", "--config", required=True, type=Path, help="TOML config file")
+    _loop_option(run)
     check = sub.add_parser("check-config", help="validate a config file and list every problem")
     check.add_argument("-c", "--config", required=True, type=Path)
     demo = sub.add_parser("demo", help="run against the built-in Asterisk simulator")
@@ -51,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--calls", type=int, default=0,
                       help="stop after this many simulated calls have ended (0: run until stopped)")
     demo.add_argument("--rate", type=float, default=None, help="simulated calls per minute")
+    _loop_option(demo)
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_sub.add_parser("upgrade", help="apply migrations to the configured database")
@@ -75,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("hash-secret", help="hash an agent PIN or password for pin_hash (reads it from stdin)")
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _loop_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loop", choices=LOOPS, default="auto",
+                        help="event loop: auto (default) is uvloop when installed, else asyncio")
 
 
 def _load_or_report(path: Path) -> Config | None:
@@ -204,6 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "prompts":
         return _prompts(args)
 
+    factory: LoopFactory | None = None
+    if args.command in ("run", "demo"):
+        try:
+            factory = loop_factory(args.loop)
+        except LoopUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     if args.command == "demo":
         config = _load_or_report(args.config) if args.config else parse({})
     else:
@@ -229,8 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from ctid.demo import run_demo
 
-            return asyncio.run(run_demo(config, calls=args.calls, rate=args.rate))
-        return asyncio.run(Daemon(config, config_path=args.config).run_until_signalled())
+            return _run_on_loop(args.loop, factory, run_demo(config, calls=args.calls, rate=args.rate))
+        return _run_on_loop(args.loop, factory, Daemon(config, config_path=args.config).run_until_signalled())
     except DaemonFailed as exc:
         print(f"ctid: {exc}", file=sys.stderr)
         return EXIT_FAILURE

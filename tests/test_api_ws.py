@@ -4,14 +4,19 @@ disconnect, the slow-client policy, and every bad-input case."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import socket
 from typing import Any
 
 import aiohttp
 import pytest
 
-from ctid.api.websocket import REPLAY_PAGE
-from tests.test_api_server import PIN, TOKENS, Harness, close_code, recv, request, running
+from ctid.api import websocket
+from ctid.api.websocket import PUMP_CHUNK, REPLAY_PAGE
+from ctid.events.schema import Event
+from tests.test_api_server import PIN, TOKENS, Harness, close_code, recv, request, running, sha256
 
 
 async def subscribed(h: Harness, token: str, **filters: Any) -> aiohttp.ClientWebSocketResponse:
@@ -388,3 +393,215 @@ async def test_a_slow_client_is_closed_1008_and_never_blocks_the_others() -> Non
         async with h.session.get(h.url + "/metrics") as resp:
             assert "ctid_ws_slow_client_drops_total 1.0" in await resp.text()
         assert h.server.hub.streaming == 1
+
+
+# --------------------------------------------------------------------------- fan-out bookkeeping, randomised
+
+#: Who each token is (role, tenant, agent_id): the test's own model of scope.
+FANOUT_PRINCIPALS: dict[str, tuple[str, str | None, str | None]] = {
+    "admin": ("admin", None, None),
+    "sup": ("supervisor", "acme", None),
+    "sup-globex": ("supervisor", "globex", None),
+    "int": ("integration", "acme", None),
+    "agent-1001": ("agent", "acme", "1001"),
+    "agent-1002": ("agent", "acme", "1002"),
+    "agent-2001": ("agent", "globex", "2001"),
+}
+FANOUT_TOKENS = {**TOKENS, "agent-1002": "tok-agent-1002-f00d"}
+FANOUT_TYPES = ("call.offered", "call.started", "call.ended", "queue.stats")
+FANOUT_QUEUES = {None: ("support", "sales"), "acme": ("support",), "globex": ("sales",)}
+FANOUT_AGENTS = {None: ("1001", "1002", "2001"), "acme": ("1001", "1002"), "globex": ("2001",)}
+_Wanted = dict[str, list[str] | None]
+
+
+def _fanout_sees(who: str, event: Event) -> bool:
+    role, tenant, agent_id = FANOUT_PRINCIPALS[who]
+    if role == "admin":
+        return True
+    if event.tenant != tenant:
+        return False
+    return role != "agent" or event.agent_id == agent_id
+
+
+def _fanout_matches(filters: _Wanted, event: Event) -> bool:
+    return all(filters[name] is None or value in (filters[name] or ())
+               for name, value in (("types", event.type), ("queues", event.queue), ("agent_ids", event.agent_id)))
+
+
+class _FanoutClient:
+    """One websocket client: a reader task records every pushed seq in arrival order and
+    settles the acks; ``history`` is what each ack said: from which seq on (``last_seq``
+    + 1) which filters hold."""
+
+    def __init__(self, name: int, who: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.name, self.who, self.ws = name, who, ws
+        self.received: list[int] = []
+        self.history: list[tuple[int, _Wanted]] = []
+        self.filters: _Wanted = {}  # the last ones sent
+        self.pending: dict[int, tuple[asyncio.Future[dict[str, Any]], _Wanted]] = {}
+        self.closed_after: int | None = None  # bus.last_seq when the client left
+        self.problems: list[str] = []
+        self._req = 0
+        self._sends: list[asyncio.Task[None]] = []
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                self.problems.append(f"unexpected frame {msg.type}")
+                continue
+            data = msg.json()
+            if data.get("type") == "ack" and data.get("req_id") in self.pending:
+                future, filters = self.pending.pop(data["req_id"])
+                self.history.append((data["last_seq"], filters))
+                future.set_result(data)
+            elif "seq" in data:
+                self.received.append(data["seq"])
+            else:
+                self.problems.append(f"unexpected message {data}")
+
+    def subscribe(self, filters: _Wanted) -> asyncio.Future[dict[str, Any]]:
+        """Send ``subscribe`` without waiting for its ack (the acks settle in order)."""
+        self._req += 1
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[self._req] = (future, filters)
+        self.filters = filters
+        body = {name: value for name, value in filters.items() if value is not None}
+        self._sends.append(asyncio.create_task(self.ws.send_json({"op": "subscribe", "req_id": self._req, **body})))
+        return future
+
+    async def settled(self) -> None:
+        async with asyncio.timeout(10):
+            for send in self._sends:
+                await send
+            for future, _ in list(self.pending.values()):
+                await future
+
+    def expected(self, published: list[Event]) -> list[int]:
+        """The seqs this client may see and asked for: each event under the filters of
+        the last subscribe acknowledged before it was published."""
+        out = []
+        for event in published:
+            if self.closed_after is not None and event.seq > self.closed_after:
+                break
+            filters = None
+            for last_seq, wanted in self.history:
+                if last_seq < event.seq:
+                    filters = wanted
+            if filters is not None and _fanout_sees(self.who, event) and _fanout_matches(filters, event):
+                out.append(event.seq)
+        return out
+
+
+def _fanout_filters(rng: random.Random, who: str) -> _Wanted:
+    role, tenant, agent_id = FANOUT_PRINCIPALS[who]
+
+    def some(choices: tuple[str, ...]) -> list[str] | None:
+        if rng.random() < 0.5:
+            return None
+        return sorted(rng.sample(choices, rng.randint(1, len(choices))))
+
+    key = None if role == "admin" else tenant
+    return {"types": some(FANOUT_TYPES), "queues": some(FANOUT_QUEUES[key]),
+            "agent_ids": some((agent_id,) if agent_id is not None else FANOUT_AGENTS[key])}
+
+
+@pytest.mark.parametrize(("seed", "pump_chunk"), [(20261201, PUMP_CHUNK), (7, 16)])
+async def test_randomised_fanout_gives_each_client_exactly_its_events_in_order(
+        monkeypatch: pytest.MonkeyPatch, seed: int, pump_chunk: int) -> None:
+    """Clients of every kind of principal join, leave and change filters while events
+    go through the real bus; each gets exactly the events it may see and asked for (the
+    filters of its last acknowledged subscribe), in seq order, once. A small pump chunk
+    makes every rotation span many loop iterations, so joins, leaves, refilters and new
+    events land in the middle of rotations."""
+    monkeypatch.setattr(websocket, "PUMP_CHUNK", pump_chunk)
+    rng = random.Random(seed)
+    extra = [{"name": "agent-1002", "role": "agent", "tenant": "acme", "agent_id": "1002",
+              "token_sha256": sha256(FANOUT_TOKENS["agent-1002"])}]
+    async with running(extra_tokens=extra) as h:
+        hub = h.server.hub
+        # Its own session: the harness's pools 100 connections, fewer than the clients.
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                        timeout=aiohttp.ClientTimeout(total=20))
+        clients: list[_FanoutClient] = []
+        published: list[Event] = []
+        who_names = sorted(FANOUT_PRINCIPALS)
+
+        async def join() -> _FanoutClient:
+            who = rng.choice(who_names)
+            ws = await session.ws_connect(h.url + "/ws", headers={"Authorization": f"Bearer {FANOUT_TOKENS[who]}"})
+            client = _FanoutClient(len(clients), who, ws)
+            clients.append(client)
+            client.subscribe(_fanout_filters(rng, who))
+            return client
+
+        def publish() -> None:
+            tenant = rng.choice(("acme", "acme", "globex", None))
+            published.append(h.publish(rng.choice(FANOUT_TYPES), tenant,
+                                       agent_id=rng.choice((None, "1001", "1002", "2001")),
+                                       queue=rng.choice((None, "support", "sales")),
+                                       call_id=f"c{len(published)}"))
+
+        try:
+            for _ in range(120):
+                await join()
+            for _ in range(1200):
+                live = [c for c in clients if c.closed_after is None]
+                action = rng.random()
+                if action < 0.55:
+                    for _ in range(rng.randint(1, 4)):
+                        publish()
+                elif action < 0.75:
+                    client = rng.choice(live)
+                    client.subscribe(_fanout_filters(rng, client.who))
+                elif action < 0.85:
+                    await join()
+                elif action < 0.93 and len(live) > 60:
+                    client = rng.choice(live)
+                    await client.settled()  # its filters' boundaries are known
+                    client.closed_after = h.bus.last_seq
+                    await client.ws.close()
+                for _ in range(rng.choice((0, 0, 1, 2, 5))):
+                    await asyncio.sleep(0)  # let the server read, the pump write, in between
+            live = [c for c in clients if c.closed_after is None]
+            # A last subscribe (same filters) on each: its ack is written after every
+            # event offered before it, so once it is in, nothing is still on the way.
+            for client in live:
+                client.subscribe(client.filters)
+            for client in live:
+                await client.settled()
+            assert hub.streaming == len(live)
+            assert hub.slow_drops == 0
+
+            total = 0
+            for client in clients:
+                got, want = client.received, client.expected(published)
+                assert not client.problems, (client.name, client.who, client.problems)
+                assert len(got) == len(set(got)), f"client {client.name} ({client.who}): duplicates"
+                assert got == sorted(got), f"client {client.name} ({client.who}): out of seq order"
+                if client.closed_after is None:
+                    assert got == want, f"client {client.name} ({client.who}): gap or extra events"
+                else:
+                    # It left: what it got is where the stream was when it closed, and at
+                    # least everything offered before its last ack.
+                    assert got == want[:len(got)], f"client {client.name} ({client.who}): wrong events"
+                    acked = client.history[-1][0]
+                    assert [s for s in want if s <= acked] == [s for s in got if s <= acked]
+                total += len(got)
+            assert len(clients) > 200 and len(published) > 1000
+            assert sum(c.closed_after is not None for c in clients) > 50
+            assert sum(len(c.history) > 2 for c in clients) > 50, "many clients changed filters"
+            assert total > 10 * len(published), "the events reached many clients"
+            assert {c.who for c in clients if c.received} == set(FANOUT_PRINCIPALS)
+        finally:
+            for client in clients:
+                await client.ws.close()
+                client.reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await client.reader
+            await session.close()
+        # Every connection gone: the index holds no audience, scope or log any more.
+        async with asyncio.timeout(10):
+            while len(hub) or hub.streaming:  # noqa: ASYNC110 - the server's handlers unregister as they end
+                await asyncio.sleep(0.01)
+        assert (hub._admins, hub._tenants, hub._agents, hub._active) == ({}, {}, {}, {})

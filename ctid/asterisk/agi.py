@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import enum
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import structlog
 
@@ -138,8 +138,12 @@ class _SessionProtocol(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # Duck-typed, not isinstance(transport, asyncio.Transport): uvloop's transports
+        # do not subclass it (that assert broke every FastAGI session under uvloop). A
+        # stream server's transport is always a read-write one.
+        if not callable(getattr(transport, "write", None)):  # pragma: no cover - not a stream
+            raise TypeError(f"FastAGI needs a stream transport, got {type(transport).__name__}")
+        self._transport = cast(asyncio.Transport, transport)
         self.log = logger.bind(peer=transport.get_extra_info("peername"))
         self.task = self._server._spawn_session(self)
 
