@@ -531,6 +531,11 @@ class Daemon:
                 await session.set_variable("__CTID_TENANT", tenant)
                 if line is not None:
                     await session.set_variable("__CTID_SERVICE_LINE", line.id)
+                # What /inbound knows, in the model at once: no VarSet tells it, and a call
+                # adopted from CoreShowChannels before these variables were set lacks them.
+                with contextlib.suppress(LookupError):
+                    link.model.annotate(call_id, tenant=tenant, service_line=line.id if line else None,
+                                        dnis=None if dnis == "s" else dnis)
                 route: str | None = "fallback"  # no flow and no queue: the native queue serves it
                 if line is not None and line.flow is not None:
                     route = await self._run_flow(session, call_id, line, tenant, dnis)

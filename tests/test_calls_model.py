@@ -541,6 +541,29 @@ def test_resync_adopts_unknown_channels() -> None:
     assert rest[-1].call.hangup_by is HangupBy.CALLER
 
 
+def test_an_originator_listed_after_a_live_event_of_its_agent_leg_says_what_the_call_is() -> None:
+    # The link came back while the fallback queue rang an agent for a call that started
+    # during the outage: the agent leg's Newchannel (with the inherited CTID_CALL_ID) is
+    # fed live during the resync, before the caller's CoreShowChannel item is applied.
+    model = CallModel(FakeClock(), lambda dnis: ("acme", "acme-support") if dnis == "200" else ("default", None))
+    model.begin_resync()
+    feed(model, event("Newchannel", agent("5.1", "5.0", state="0", call_id="x1")))
+    assert model.calls["x1"].direction is not Direction.INBOUND  # all it can tell from that leg
+    item = Message.event("CoreShowChannel", [
+        *block("PJSIP/trunk-5.0", "5.0", state="6", context="ctid-fallback", exten="s", number="+15551230005",
+               call_id="x1"),
+        ("ChanVariable", "CTID_TENANT=acme"), ("ChanVariable", "CTID_SERVICE_LINE=acme-support"),
+        ("ChanVariable", "CTID_DNIS=200"), ("Application", "Queue"), ("ApplicationData", "ctid-fallback"),
+        ("Duration", "00:00:01")])
+    model.resync_channel(item)
+    model.end_resync()
+    call = model.calls["x1"]
+    assert (call.direction, call.caller_number, call.dnis, call.tenant, call.service_line) == (
+        Direction.INBOUND, "+15551230005", "200", "acme", "acme-support")
+    assert {leg.channel: leg.role for leg in call.legs} == {"PJSIP/agent1001-5.1": Role.AGENT,
+                                                           "PJSIP/trunk-5.0": Role.CALLER}
+
+
 def test_resync_click_to_dial_is_outbound() -> None:
     messages = capture("17")
     model = CallModel(FakeClock())

@@ -572,9 +572,10 @@ class CallModel:
         *,
         tenant: str | None = None,
         service_line: str | None = None,
+        dnis: str | None = None,
         data: Mapping[str, Any] | None = None,
     ) -> Call:
-        """Attach what ctid learned (service line, IVR data) to an active call."""
+        """Attach what ctid learned (tenant, service line, DNIS, IVR data) to an active call."""
         call = self._calls.get(call_id)
         if call is None:
             raise UnknownCallError(call_id)
@@ -582,6 +583,8 @@ class CallModel:
             call.tenant = tenant
         if service_line is not None:
             call.service_line = service_line
+        if dnis is not None:
+            call.dnis = dnis
         if data:
             call.data.update(data)
         return call
@@ -813,16 +816,7 @@ class CallModel:
                 # A channel found by a resync may sit in another context by now (a hold
                 # or the fallback queue, exten "s"): the dialplan's exported variables
                 # still say where it came in.
-                exported = event.chan_variables(keys.chanvar) if resync else {}
-                dnis = exported.get("CTID_DNIS") or (exten if exten and exten != "s" else "")
-                call.dnis = dnis or None
-                if direction is Direction.INBOUND and self._tenant_for_dnis is not None:
-                    call.tenant, call.service_line = self._tenant_for_dnis(dnis or "s")
-                tenant, line = exported.get("CTID_TENANT", ""), exported.get("CTID_SERVICE_LINE", "")
-                if _ID_RE.fullmatch(tenant):
-                    call.tenant = tenant
-                if _ID_RE.fullmatch(line):
-                    call.service_line = line
+                self._place(call, exten, event.chan_variables(keys.chanvar) if resync else {})
                 if resync:
                     call.data["recovered"] = True
             self._calls[call.call_id] = call
@@ -834,6 +828,14 @@ class CallModel:
             and call.leg(Role.CALLER, live=True) is None
             and event.get("Application") == "AppDial"
         ):
+            role = Role.CALLER
+        elif (resync and not local and uid == linkedid and "CTID_DNIS" in event.chan_variables(keys.chanvar)
+              and not any(old.uniqueid == old.linkedid for old in call.legs)):
+            # An inbound caller (ctid-inbound exported CTID_DNIS on it) turns up after a
+            # channel it created: a live event of that channel (e.g. the fallback queue
+            # ringing an agent) was fed during the resync, before this list item. The
+            # originator says what the call is.
+            self._describe_inbound(call, event, keys)
             role = Role.CALLER
         if linkedid not in self._by_linkedid:
             self._by_linkedid[linkedid] = call
@@ -852,6 +854,31 @@ class CallModel:
         if rejected:
             self._reject_id(leg, rejected, now, out)
         return leg
+
+    def _place(self, call: Call, exten: str, exported: Mapping[str, str]) -> None:
+        """DNIS, tenant and line of a non-outbound call: the dialplan's exported
+        ``CTID_*`` variables (a channel found by a resync may sit in another context by
+        then, e.g. the fallback queue's exten ``s``), else the extension it dialled."""
+        dnis = exported.get("CTID_DNIS") or (exten if exten and exten != "s" else "")
+        call.dnis = dnis or None
+        if call.direction is Direction.INBOUND and self._tenant_for_dnis is not None:
+            call.tenant, call.service_line = self._tenant_for_dnis(dnis or "s")
+        tenant, line = exported.get("CTID_TENANT", ""), exported.get("CTID_SERVICE_LINE", "")
+        if _ID_RE.fullmatch(tenant):
+            call.tenant = tenant
+        if _ID_RE.fullmatch(line):
+            call.service_line = line
+
+    def _describe_inbound(self, call: Call, event: Message, keys: _Keys) -> None:
+        """Re-read an inbound call's caller, DNIS, tenant and line from its originator's
+        resync item (the exported ``CTID_*`` variables win, as in :meth:`_adopt`)."""
+        call.direction = Direction.INBOUND
+        call.caller_number = _caller_id(event.get(keys.caller_num))
+        call.caller_name = _caller_id(event.get(keys.caller_name))
+        self._place(call, event.get(keys.exten) or "", event.chan_variables(keys.chanvar))
+        for other in call.legs:
+            if other.role is Role.CALLER:
+                other.role = Role.AGENT
 
     def _reject_id(self, leg: Leg, call_id: str, now: datetime, out: list[CallChange]) -> None:
         if leg.rejected_id == call_id:
