@@ -8,7 +8,8 @@ answered, identified over FastAGI (``__CTID_CALL_ID``), waits in the native fall
 queue (no members) and hangs up after ``--hold`` s, so about rate x hold calls are up.
 The simulator runs in a child process, as Asterisk is another process (on a 2-core
 machine it then has its own core); ``--sim-in-process`` puts it on the daemon's loop, as
-the tests do, which saturates that core at 200 calls/s.
+the tests do, which saturates that core at 200 calls/s. So five processes share the
+machine: ctid (with the bench's probes), the simulator, the two receivers and mosquitto.
 
 The simulator's AMI user reads what the sample ``asterisk-conf/manager.conf`` grants
 ctid (``read = system,call,agent,user``, the simulator's default), so, as in production,
@@ -20,14 +21,30 @@ is held until ctid's FastAGI script has identified the call, so it leaves when t
 script binds the channel to its id, ``CallModel.bind_call_id``) the sink records
 ``t0 = perf_counter()`` and starts a task that builds a schema-valid ``call.offered``
 for that call (``call_data(call)`` plus the offered fields) and sends it with
-``bus.publish_and_wait``, as the ACD's dispatcher will. Receipt is ``perf_counter()``
-in this process when the subscriber (aiomqtt, ``ctid/v1/acme/calls/+``) and the
-websocket client (aiohttp, supervisor token) get it.
+``bus.publish_and_wait``, as the ACD's dispatcher will.
 
-Baseline, same process, same broker, same payload size and rate: a bare aiomqtt
-publisher (QoS 1) to a bare aiomqtt subscriber, once on an idle process before the run
-(the transport floor) and once at 20 msg/s *during* the run (the floor under the same
-load). The ratios say what ctid adds on top of the broker round trip.
+**Receivers.** Receipt is ``perf_counter()`` when the MQTT subscriber (aiomqtt, QoS 1,
+``ctid/v1/acme/calls/+``: a CRM's subscription, every ``call.*`` event, as before) and
+the websocket client (aiohttp, supervisor token, every event of the tenant, as before)
+read it. Each runs in a child process of its own (``bench/pop_receivers.py``): they are
+the CRM and the agent desktop, not ctid. On ctid's loop their reads waited behind
+ctid's work (counted as ctid's latency), and their parsing of every event slowed ctid;
+in one shared child the MQTT subscriber (paho reads one packet per readable event)
+waited behind the websocket frames. Connected to 127.0.0.1 only; each child is reaped
+on every exit path (it exits after answering ``collect``, on stdin EOF, after a
+lifetime bound, and with SIGKILL if the bench dies; the bench kills what is left).
+
+**One clock.** ``t0`` is stamped in ctid's process, receipts in the receivers' process
+and the ``Dial`` (below) in the simulator's: all with ``time.perf_counter()``, which on
+Linux is ``CLOCK_MONOTONIC``, one clock for the whole host (not stepped by NTP, unlike
+``time.time()``). The bench refuses to run if ``perf_counter`` is another clock, and
+checks at start that a reading of the receivers' process falls between two of its own.
+
+Baseline, same broker, same payload size and rate, in the MQTT receiver's process (off
+ctid's loop): a bare aiomqtt publisher (QoS 1) to a bare aiomqtt subscriber, once
+before the run (the transport floor) and once at 20 msg/s *during* the run (the floor
+under the same machine load). The ratios say what ctid adds on top of the broker round
+trip.
 
 Also printed: the achieved call rate, the event loop's lag, GC pauses, how far the MQTT
 publisher fell behind, and the daemon's warnings (its info log goes to a temp file).
@@ -48,11 +65,10 @@ later of the call's ``call.queued`` and the offered agent's last ``agent.state``
 
 Also in ACD mode, the **lead of the pop over the ring**: for every call, the
 simulator's execution of ``Dial`` to the agent (its ``DialBegin`` whose destination is
-an agent device, stamped where the simulator runs) minus the pop's receipt by the MQTT
-subscriber and by the websocket client. The simulator usually runs in a child process,
-so both sides stamp with ``time.time()`` (the same host clock; ``perf_counter`` values
-cannot be compared across processes); it must be positive for every call. Printed as
-min/p50 per path and as ``RESULT pop_leads_dial_min_ms``.
+an agent device, stamped with ``perf_counter()`` where the simulator runs) minus the
+pop's receipt by the MQTT subscriber and by the websocket client (the receivers'
+process); it must be positive for every call. Printed as min/p50 per path and as
+``RESULT pop_leads_dial_min_ms``.
 
 Run: ``.venv/bin/python bench/screen_pop.py [--rate 200] [--seconds 10] [--hold 1] [--no-acd]``
 """
@@ -62,6 +78,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import gc
 import hashlib
 import json
@@ -69,6 +86,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -84,7 +102,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
-import aiomqtt  # noqa: E402
 
 from ctid import logs  # noqa: E402
 from ctid.app import Daemon  # noqa: E402
@@ -102,6 +119,7 @@ SUPERVISOR = "bench-supervisor-token"
 TARGET_MS = 20.0
 TOPIC = "ctid/v1/acme/calls/+"
 DIALPLAN = ROOT / "dialplans" / "ctid.conf"
+RECEIVERS = Path(__file__).resolve().parent / "pop_receivers.py"
 
 
 def agent_ids(count: int) -> list[str]:
@@ -249,50 +267,92 @@ def offered_data(call: Call, now: datetime) -> dict[str, Any]:
     return data
 
 
-async def mqtt_round_trips(port: int, rate: float, count: int, payload_size: int, tag: str,
-                           timeout: float = 30.0) -> list[float]:
-    """Bare aiomqtt: publish QoS 1 at ``rate``/s, receive on a second client; ms per message."""
-    sent: dict[int, float] = {}
-    got: list[float] = []
-    topic = f"bench/{tag}"
-    async with (aiomqtt.Client("127.0.0.1", port, identifier=f"bench-{tag}-sub") as sub,
-                aiomqtt.Client("127.0.0.1", port, identifier=f"bench-{tag}-pub") as pub):
-        await sub.subscribe(topic, qos=1)
-        done = asyncio.Event()
+class ReceiverProcess:
+    """One receivers' child process (``bench/pop_receivers.py``), spoken to in JSON lines.
+    Spawned with :meth:`start`, always reaped by :meth:`stop` (killed if still running)."""
 
-        async def read() -> None:
-            async for message in sub.messages:
-                now = time.perf_counter()
-                raw = message.payload
-                assert isinstance(raw, bytes)
-                n = int(raw[:10])
-                got.append((now - sent[n]) * 1000)
-                if len(got) >= count:
-                    done.set()
-                    return
+    def __init__(self, paths: str) -> None:
+        self.paths = paths
+        self.proc: asyncio.subprocess.Process | None = None
 
-        reader = asyncio.create_task(read())
-        try:
-            pad = b"x" * max(0, payload_size - 10)
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            for n in range(count):
-                await asyncio.sleep(max(0.0, start + n / rate - loop.time()))
-                sent[n] = time.perf_counter()
-                await pub.publish(topic, b"%010d" % n + pad, qos=1)
+    async def start(self, mqtt_port: int, ws_port: int, lifetime: float) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(RECEIVERS), "--paths", self.paths, "--mqtt-port", str(mqtt_port),
+            "--ws-port", str(ws_port), "--token", SUPERVISOR, "--topic", TOPIC, "--lifetime", str(lifetime),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 26)
+        ready = await self._read(60)
+        assert ready.get("ready") is True, ready
+        # One host clock: the child's perf_counter() must fall between two of ours.
+        before = time.perf_counter()
+        theirs = (await self.ask("clock"))["clock"]
+        after = time.perf_counter()
+        if not before <= theirs <= after:
+            raise RuntimeError(f"perf_counter is not shared with the receivers' process: {before} {theirs} {after}")
+
+    async def _read(self, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        async with asyncio.timeout(timeout):
+            line = await self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.paths} receiver's process ended (exit {await self.proc.wait()})")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"the {self.paths} receiver's process: {reply['error']}")
+        return reply
+
+    async def ask(self, command: str, timeout: float = 30.0) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        async with asyncio.timeout(timeout):
+            await self.proc.stdin.drain()
+        return await self._read(timeout)
+
+    async def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            if proc.stdin is not None:
+                proc.stdin.close()  # it exits by itself after "collect", or on EOF
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout)
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-    return got
+                await asyncio.wait_for(proc.wait(), 5)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 10)
+
+
+class Receivers:
+    """The MQTT subscriber (the CRM) and the websocket client (the agent desktop), each in
+    a child process of its own: they are not ctid, so their reads must not wait behind
+    ctid's work on its loop, nor behind each other's."""
+
+    def __init__(self) -> None:
+        self.mqtt = ReceiverProcess("mqtt")
+        self.ws = ReceiverProcess("ws")
+
+    async def start(self, mqtt_port: int, ws_port: int, lifetime: float) -> None:
+        await asyncio.gather(self.mqtt.start(mqtt_port, ws_port, lifetime),
+                             self.ws.start(mqtt_port, ws_port, lifetime))
+
+    async def collect(self, calls: int, timeout: float) -> dict[str, Any]:
+        """Both children's stamps, merged (``cpu`` summed; the baseline is the mqtt child's)."""
+        command = f"collect {calls} {timeout:.1f}"
+        mqtt, ws = await asyncio.gather(self.mqtt.ask(command, timeout + 30), self.ws.ask(command, timeout + 30))
+        return {"mqtt": mqtt["mqtt"], "ws": ws["ws"], "ws_ok": ws["ws_ok"], "loaded": mqtt["loaded"],
+                "cpu": mqtt["cpu"] + ws["cpu"], "mqtt_messages": mqtt["mqtt_messages"], "ws_frames": ws["ws_frames"]}
+
+    async def stop(self) -> None:
+        await asyncio.gather(self.mqtt.stop(), self.ws.stop(), return_exceptions=True)
 
 
 @dataclass
 class DialClock:
     """When the simulator executed ``Dial`` to an agent: the first ``DialBegin`` of each
     call (``ChanVariable: CTID_CALL_ID=...`` of the caller) whose destination is an agent
-    device, stamped with ``time.time()`` as the simulator emits it."""
+    device, stamped with ``time.perf_counter()`` (CLOCK_MONOTONIC: one clock for the host)
+    as the simulator emits it."""
 
     agents: frozenset[str]
     at: dict[str, float] = field(default_factory=dict)
@@ -307,7 +367,7 @@ class DialClock:
                     call_id = next((v.partition("=")[2] for v in msg.get_all("ChanVariable")
                                     if v.startswith("CTID_CALL_ID=")), "")
                     if call_id:
-                        self.at.setdefault(call_id, time.time())
+                        self.at.setdefault(call_id, time.perf_counter())
             emit(msg)
 
         sim.pbx._emit = spy
@@ -559,18 +619,18 @@ async def run(args: argparse.Namespace) -> int:
 async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path: Path) -> int:
     agi_port = free_port()
     pbx: InProcessPBX | ChildPBX = InProcessPBX(args, agi_port) if args.sim_in_process else ChildPBX(args, agi_port)
-    ami_port = await pbx.start()
+    try:
+        ami_port = await pbx.start()
+    except BaseException:
+        await pbx.stop()
+        raise
     daemon = Daemon(make_config(tmp, mqtt_port, ami_port, agi_port, acd=args.acd, agents=args.agents))
     trigger = Trigger(daemon)
     clock = OfferClock()
     sink: Trigger | OfferClock = clock if args.acd else trigger
     probe = LagProbe()
     gc_pauses = GcPauses()
-    mqtt_recv: dict[str, float] = {}
-    ws_recv: dict[str, float] = {}
-    mqtt_wall: dict[str, float] = {}  # time.time() of the receipts, for the lead over the Dial
-    ws_wall: dict[str, float] = {}
-    ws_ok = True
+    receivers = Receivers()
     try:
         await daemon.start()
         await daemon.links["sim"].client.wait_logged_in(10)
@@ -581,84 +641,56 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
         sample = Event(type="call.offered", tenant="acme", ts=daemon.clock(), call_id="c" * 32, agent_id="1001",
                        queue="support", data={"pad": "x" * 700})
         size = len(sample.to_json())
-        idle = await mqtt_round_trips(mqtt_port, args.rate, int(args.rate * 3), size, "idle")
+        await receivers.start(mqtt_port, daemon.api.port, lifetime=args.seconds + 150)
+        idle = (await receivers.mqtt.ask(f"baseline {args.rate:g} {int(args.rate * 3)} {size} idle", 60))["baseline"]
 
         daemon.bus.add_sink(sink)
-        async with (aiomqtt.Client("127.0.0.1", mqtt_port, identifier="bench-crm") as sub,
-                    aiohttp.ClientSession() as http,
-                    http.ws_connect(f"http://127.0.0.1:{daemon.api.port}/ws",
-                                    headers={"Authorization": f"Bearer {SUPERVISOR}"}) as ws):
-            await sub.subscribe(TOPIC, qos=1)
-            await ws.send_json({"op": "subscribe", "req_id": 1})
-            ack = await ws.receive_json(timeout=5)
-            assert ack.get("type") == "ack", ack
-            if args.acd:  # every agent logs in to its phone, over the REST API, before the run
-                auth = {"Authorization": f"Bearer {SUPERVISOR}"}
+        if args.acd:  # every agent logs in to its phone, over the REST API, before the run
+            auth = {"Authorization": f"Bearer {SUPERVISOR}"}
+            async with aiohttp.ClientSession() as http:
                 for agent in agent_ids(args.agents):
                     async with http.post(f"http://127.0.0.1:{daemon.api.port}/api/v1/agents/{agent}/login",
                                          json={"device": f"PJSIP/{agent}"}, headers=auth) as r:
                         assert r.status == 200, await r.text()
-                ready = sum(1 for a in agent_ids(args.agents) if daemon.agents.get(a).state.value == "ready")
-                assert ready == args.agents, f"{ready} of {args.agents} agents ready"
+            ready = sum(1 for a in agent_ids(args.agents) if daemon.agents.get(a).state.value == "ready")
+            assert ready == args.agents, f"{ready} of {args.agents} agents ready"
 
-            async def read_mqtt() -> None:
-                async for message in sub.messages:
-                    now = time.perf_counter()
-                    raw = message.payload
-                    if isinstance(raw, bytes) and b'"type":"call.offered"' in raw:
-                        call_id = json.loads(raw)["call_id"]
-                        mqtt_recv.setdefault(call_id, now)
-                        mqtt_wall.setdefault(call_id, time.time())
-
-            async def read_ws() -> None:
-                nonlocal ws_ok
-                async for frame in ws:
-                    now = time.perf_counter()
-                    if frame.type is not aiohttp.WSMsgType.TEXT:
-                        ws_ok = False
-                        return
-                    if '"type":"call.offered"' in frame.data:
-                        call_id = json.loads(frame.data)["call_id"]
-                        ws_recv.setdefault(call_id, now)
-                        ws_wall.setdefault(call_id, time.time())
-                ws_ok = False  # the server closed us
-
-            readers = [asyncio.create_task(read_mqtt()), asyncio.create_task(read_ws()),
-                       asyncio.create_task(probe.run(daemon))]
-            loaded_task = asyncio.create_task(
-                mqtt_round_trips(mqtt_port, 20, int(args.seconds * 20), size, "loaded"))
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            with gc_pauses:
-                calls, offered_elapsed, sim_lags = await pbx.run()
-            # Wait (bounded) for the last pops to come in.
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 15
-            def waiting() -> bool:
-                return len(sink.t0) < calls or len(mqtt_recv) < len(sink.t0) or len(ws_recv) < len(sink.t0)
-
-            while loop.time() < deadline and waiting():  # noqa: ASYNC110 - bounded poll of the readers' counters
-                await asyncio.sleep(0.05)
-            # And for the offers still in flight to reach their Redirect (and the Dial), so
-            # that stopping the daemon does not cut them: they would count as "no Dial".
-            while loop.time() < deadline and daemon.acd.offers_in_flight:  # noqa: ASYNC110 - bounded
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)  # the simulator's last Dials, after their Redirects
-            cpu_share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-            loaded = await loaded_task
-            trigger.active = False
-            for task in readers:
-                task.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-            if trigger.tasks:
-                await asyncio.wait(set(trigger.tasks), timeout=5)
+        probing = asyncio.create_task(probe.run(daemon))
+        await receivers.mqtt.ask(f"loaded 20 {int(args.seconds * 20)} {size} loaded")
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        with gc_pauses:
+            calls, offered_elapsed, sim_lags = await pbx.run()
+        # Wait (bounded) for the last offers, and for those still in flight to reach their
+        # Redirect (and the Dial), so that stopping the daemon does not cut them: they
+        # would count as "no Dial".
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while loop.time() < deadline and len(sink.t0) < calls:  # noqa: ASYNC110 - bounded poll of a counter
+            await asyncio.sleep(0.05)
+        while loop.time() < deadline and daemon.acd.offers_in_flight:  # noqa: ASYNC110 - bounded
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the simulator's last Dials, after their Redirects
+        cpu_share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        got = await receivers.collect(len(sink.t0), max(1.0, deadline - loop.time()))
+        trigger.active = False
+        probing.cancel()
+        await asyncio.gather(probing, return_exceptions=True)
+        if trigger.tasks:
+            await asyncio.wait(set(trigger.tasks), timeout=5)
     finally:
         daemon.bus.remove_sink(sink)
+        with contextlib.suppress(Exception):
+            await receivers.stop()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(60):
                 await daemon.stop()
         with contextlib.suppress(Exception):
             await pbx.stop()
 
+    mqtt_recv: dict[str, float] = got["mqtt"]
+    ws_recv: dict[str, float] = got["ws"]
+    ws_ok: bool = got["ws_ok"]
+    loaded: list[float] = got["loaded"]
     t0 = sink.t0
     mqtt_ms = [(mqtt_recv[c] - t0[c]) * 1000 for c in t0 if c in mqtt_recv]
     ws_ms = [(ws_recv[c] - t0[c]) * 1000 for c in t0 if c in ws_recv]
@@ -674,15 +706,17 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
     if args.acd:
         print(f"ctid's ACD offered {len(t0)} of them ({clock.offers} offers: call.queued/ready -> match -> "
               f"reserve -> call.offered -> Redirect -> Dial); this process used "
-              f"{cpu_share * 100:.0f} % of a core (daemon + receivers + bench)")
+              f"{cpu_share * 100:.0f} % of a core (daemon + bench)")
         print(f"call.offered missing: mqtt {len(t0) - len(mqtt_ms)}, websocket {len(t0) - len(ws_ms)}; "
               f"websocket stayed open: {ws_ok}")
     else:
         print(f"ctid identified {len(t0)} of them (call.started -> trigger); this process used "
-              f"{cpu_share * 100:.0f} % of a core (daemon + receivers + bench)")
+              f"{cpu_share * 100:.0f} % of a core (daemon + bench)")
         print(f"call.offered: {len(returned)} published, {trigger.undelivered} not delivered within the "
               f"publish_and_wait bound, {trigger.no_call} calls gone before the offer; missing: "
               f"mqtt {len(t0) - len(mqtt_ms)}, websocket {len(t0) - len(ws_ms)}; websocket stayed open: {ws_ok}")
+    print(f"receivers (two child processes, cpu {got['cpu']:.1f} s): {got['mqtt_messages']} MQTT messages on "
+          f"{TOPIC}, {got['ws_frames']} websocket frames")
     first_offer = clock.first_offer if args.acd else trigger.first_offer
     if first_offer is not None:
         from ctid.events.contract import validate
@@ -705,7 +739,8 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
     if not args.acd:
         print(f"  publish_and_wait returned              : {summary(returned)}")
         print(f"  publish_and_wait alone (PUBACK + hub)  : {summary(trigger.wait_only)}")
-    print(f"baseline, bare aiomqtt QoS 1 publish -> subscriber, {size}-byte payload, same broker and process:")
+    print(f"baseline, bare aiomqtt QoS 1 publish -> subscriber, {size}-byte payload, same broker, "
+          "in the MQTT receiver's process:")
     print(f"  idle, before the run, {args.rate:g} msg/s       : {summary(idle)}")
     print(f"  during the run, 20 msg/s             : {summary(loaded)}")
     worst = max(pct(mqtt_ms, 99) if mqtt_ms else math.inf, pct(ws_ms, 99) if ws_ms else math.inf)
@@ -718,22 +753,22 @@ async def measure(args: argparse.Namespace, mqtt_port: int, tmp: Path, log_path:
     met = complete and worst <= TARGET_MS
     print(f"load average at the end (2 cores shared): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.acd:
-        lead_line(t0, pbx.dial_at, mqtt_wall, ws_wall, complete)
+        lead_line(t0, pbx.dial_at, mqtt_recv, ws_recv, complete)
     value = f"{worst:.2f}" if math.isfinite(worst) else "nan"
     print(f"RESULT screen_pop_p99_ms value={value} unit=ms target=<={TARGET_MS:g} "
           f"status={'met' if met else 'missed'}")
     return 0
 
 
-def lead_line(t0: dict[str, float], dial_at: dict[str, float], mqtt_wall: dict[str, float],
-              ws_wall: dict[str, float], complete: bool) -> None:
-    """How far each pop's receipt leads the simulator's Dial to the agent (time.time()
-    on both sides: the same host clock, across the two processes)."""
+def lead_line(t0: dict[str, float], dial_at: dict[str, float], mqtt_recv: dict[str, float],
+              ws_recv: dict[str, float], complete: bool) -> None:
+    """How far each pop's receipt leads the simulator's Dial to the agent (perf_counter()
+    on both sides: CLOCK_MONOTONIC, the same host clock, across the processes)."""
     no_dial = sum(1 for c in t0 if c not in dial_at)
-    leads = {"mqtt": [(dial_at[c] - mqtt_wall[c]) * 1000 for c in t0 if c in dial_at and c in mqtt_wall],
-             "websocket": [(dial_at[c] - ws_wall[c]) * 1000 for c in t0 if c in dial_at and c in ws_wall]}
-    print("pop receipt leads the simulator's Dial to the agent (DialBegin to an agent device; time.time() in "
-          "both processes, same host clock):")
+    leads = {"mqtt": [(dial_at[c] - mqtt_recv[c]) * 1000 for c in t0 if c in dial_at and c in mqtt_recv],
+             "websocket": [(dial_at[c] - ws_recv[c]) * 1000 for c in t0 if c in dial_at and c in ws_recv]}
+    print("pop receipt leads the simulator's Dial to the agent (DialBegin to an agent device; perf_counter() in "
+          "the receivers' and the simulator's processes, one host clock):")
     for path, values in leads.items():
         if values:
             behind = sum(1 for v in values if v <= 0)
@@ -742,6 +777,14 @@ def lead_line(t0: dict[str, float], dial_at: dict[str, float], mqtt_wall: dict[s
         else:
             print(f"  {path:9s}: no samples")
     every = [v for values in leads.values() for v in values]
+    start = min(t0.values(), default=0.0)
+    worst = sorted((min(dial_at[c] - mqtt_recv.get(c, -math.inf), dial_at[c] - ws_recv.get(c, -math.inf)), c)
+                   for c in t0 if c in dial_at)[:3]
+    for lead, c in worst:  # where the smallest leads were: what delayed the pop, or hurried the Dial
+        since = {name: (at.get(c, math.nan) - t0[c]) * 1000
+                 for name, at in (("mqtt", mqtt_recv), ("websocket", ws_recv), ("Dial", dial_at))}
+        print(f"  smallest: {lead * 1000:7.2f} ms at +{t0[c] - start:6.3f} s; from t0: "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in since.items()) + " ms")
     if no_dial:
         print(f"  {no_dial} offered call(s) with no Dial to an agent recorded")
     lead_min = min(every) if every else math.nan
@@ -766,6 +809,12 @@ def _count_log_events(path: Path) -> tuple[dict[str, int], dict[str, str]]:
     return counts, examples
 
 
+def die_with_parent() -> None:
+    """Linux: the simulator child gets SIGKILL when the bench dies (as the receivers do)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rate", type=float, default=200.0, help="calls per second")
@@ -783,7 +832,13 @@ def main() -> None:
     ap.add_argument("--ami-port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--agi-port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # Stamps from three processes are compared: perf_counter() must be the host's one
+    # monotonic clock (Linux: CLOCK_MONOTONIC), not a per-process counter.
+    clock = time.get_clock_info("perf_counter").implementation
+    if "CLOCK_MONOTONIC" not in clock:
+        sys.exit(f"perf_counter() is {clock}, not CLOCK_MONOTONIC: stamps of two processes cannot be compared")
     if args.sim_child:
+        die_with_parent()
         sys.exit(asyncio.run(sim_child(args)))
 
     async def bounded() -> int:

@@ -90,6 +90,7 @@ async def test_a_caller_presses_the_key_hangs_up_and_is_called_back(tmp_path: Pa
             record = await leave_callback(sim, daemon)
             assert daemon.acd.router.depth("support") == 0  # the live call left; the callback waits
             assert daemon.acd.router.is_waiting(record.id)
+            assert daemon.acd.longest_wait_s("support") > 0  # a callback in queue counts in the queue's wait
             waiting = await stored(daemon, record.id, "waiting")
             assert waiting.enqueued_at == record.enqueued_at and waiting.priority == 5
             assert not trunk_dials(sim)

@@ -618,6 +618,41 @@ def test_callbacks_that_share_the_line_count_ahead(router: Router, clock: Clock)
     assert router.queue_ewt(q, aht_s=60.0) == pytest.approx(4 * 60.0)  # live, cb-old and cb-late ahead
 
 
+def test_oldest_enqueued_at_is_the_oldest_waiting_call_whatever_its_priority(router: Router, clock: Clock) -> None:
+    q = rules("q", "lang:en")
+    assert router.oldest_enqueued_at("q") is None and router.oldest_enqueued_at("unknown") is None
+    router.enqueue("vip-new", q, 9, enqueued_at=clock.now - 1)
+    router.enqueue("low-old", q, 1, enqueued_at=clock.now - 50)
+    router.enqueue("mid", q, 5, enqueued_at=clock.now - 20)
+    router.enqueue("head-mid", q, 5, enqueued_at=clock.now - 10, head=True)
+    assert router.oldest_enqueued_at("q") == clock.now - 50
+    router.add_agent("a", {"lang:en": 5}, ready=True)
+    assert pairs(router.match()) == [("vip-new", "a")]
+    router.dequeue("low-old")
+    assert router.oldest_enqueued_at("q") == clock.now - 20  # an offered call is not waiting
+    router.offer_done("vip-new", "a", answered=False)  # back at the head, with its own enqueue time
+    assert router.oldest_enqueued_at("q") == clock.now - 20
+    for call in ("vip-new", "mid", "head-mid"):
+        router.dequeue(call)
+    assert router.oldest_enqueued_at("q") is None
+
+
+def test_oldest_enqueued_at_matches_a_scan_of_the_waiting_calls(router: Router) -> None:
+    rng = random.Random(7)
+    q = rules("q", "*")
+    waiting: dict[str, float] = {}
+    for n in range(400):
+        if waiting and rng.random() < 0.4:
+            call = rng.choice(sorted(waiting))
+            router.dequeue(call)
+            del waiting[call]
+        else:
+            at = rng.choice([100.0, 200.0, 300.0]) + rng.random()  # ties across groups too
+            router.enqueue(f"c{n}", q, rng.randrange(10), enqueued_at=at, head=rng.random() < 0.2)
+            waiting[f"c{n}"] = at
+        assert router.oldest_enqueued_at("q") == (min(waiting.values()) if waiting else None)
+
+
 def test_ewt_is_none_when_no_eligible_agent_is_staffed(router: Router) -> None:
     q = rules("q", "lang:zh")
     router.set_aht("q", 100.0)

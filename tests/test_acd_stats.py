@@ -6,6 +6,7 @@ clock; the rest runs through the daemon with the simulator running the shipped d
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
@@ -149,6 +150,48 @@ def test_the_feed_counts_agents_eligible_for_the_base_requirement_and_validates(
     feed.refresh(datetime(2026, 12, 2, 5, 0, 1, tzinfo=UTC))
     assert snaps.updates[-1][2]["sl_today"]["answered"] == 0
     assert snaps.updates[-1][2]["sl_today"]["date"] == "2026-12-02"
+
+
+async def test_refreshes_on_a_running_loop_make_one_snapshot_per_queue_at_the_next_iteration() -> None:
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    config = _config()
+    agents = AgentRegistry(config.agents, lambda e: e, lambda: now)
+    snaps = _Snapshots()
+    feed = QueueStatsFeed(config, agents, snaps)  # type: ignore[arg-type]
+    feed.attach(_Figures("lang:en>=5"))
+    for _ in range(3):
+        feed.refresh_queue("support", "acme", now)
+    agents.login("1001", "PJSIP/1001")  # a change after the refreshes: the snapshot sees it
+    feed.refresh(now + timedelta(seconds=1), "acme")
+    assert snaps.updates == []  # nothing taken synchronously, off the caller's path
+    await asyncio.sleep(0)
+    assert len(snaps.updates) == 1
+    tenant, queue, data = snaps.updates[0]
+    assert (tenant, queue) == ("acme", "support") and data["agents"]["ready"] == 1
+    feed.refresh_queue("support", "acme", now)
+    await asyncio.sleep(0)
+    assert len(snaps.updates) == 2  # a later iteration's refresh is a new snapshot
+
+
+async def test_a_failing_snapshot_is_logged_and_the_other_queues_still_refresh() -> None:
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    config = _config()
+    agents = AgentRegistry(config.agents, lambda e: e, lambda: now)
+    snaps = _Snapshots()
+    feed = QueueStatsFeed(config, agents, snaps)  # type: ignore[arg-type]
+    figures = _Figures("lang:en>=5")
+
+    def broken(queue_id: str) -> int:
+        if queue_id == "broken":
+            raise RuntimeError("boom")
+        return 3
+
+    figures.waiting_count = broken  # type: ignore[method-assign]
+    feed.attach(figures)
+    feed.refresh_queue("broken", "acme", now)
+    feed.refresh_queue("support", "acme", now)
+    await asyncio.sleep(0)
+    assert [queue for _, queue, _ in snaps.updates] == ["support"]
 
 
 # -- through the daemon ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from sqlalchemy import Connection, delete, func, insert, inspect, select
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import StatementError
+from sqlalchemy.exc import IntegrityError, StatementError
 
 from ctid.store.calls import CallRecord, CallStore, LegRecord
 from ctid.store.db import (
@@ -391,6 +391,38 @@ async def test_deleting_a_call_deletes_its_legs(db: Database, store: CallStore) 
 
     assert await _count(db, CallLeg) == 1
     assert await store.get_call("c-1") is None
+
+
+async def test_a_batch_upsert_stores_and_replaces_calls_and_legs_like_one_by_one(
+    db: Database, store: CallStore
+) -> None:
+    agent = LegRecord(channel="PJSIP/agent-7-2", uniqueid="1710081042.2", role="agent", created_at=T0)
+    first = [_call("c-1"), _call("c-2", legs=(*_call().legs, agent)), _call("c-3", legs=())]
+    await store.upsert_calls(first)
+    for record in first:
+        assert await store.get_call(record.call_id) == record
+
+    ended = T0 + timedelta(minutes=5)
+    caller = replace(_call().legs[0], ended_at=ended, hangup_cause=16)
+    second = [_call("c-2", state="ended", ended_at=ended, hangup_by="caller", legs=(caller,)), _call("c-4")]
+    await store.upsert_calls(second)
+    await store.upsert_calls(second)  # idempotent
+
+    stored = await store.get_call("c-2")
+    assert stored is not None and stored.state == "ended" and stored.ended_at == ended
+    assert stored.legs == (caller, agent)  # updated in place; the leg the record omits is kept
+    assert await store.get_call("c-4") == second[1]
+    assert await _count(db, Call) == 4
+    assert await _count(db, CallLeg) == 4  # c-1: 1, c-2: 2, c-3: none, c-4: 1
+    await store.upsert_calls([])
+
+
+async def test_a_batch_the_database_refuses_stores_none_of_it(db: Database, store: CallStore) -> None:
+    refused = replace(_call("c-2"), tenant=None)  # type: ignore[arg-type]  # tenant is NOT NULL
+    with pytest.raises(IntegrityError):
+        await store.upsert_calls([_call("c-1"), refused, _call("c-3")])
+    assert await _count(db, Call) == 0
+    assert await _count(db, CallLeg) == 0
 
 
 async def test_get_call_of_an_unknown_id_returns_none(store: CallStore) -> None:

@@ -1178,9 +1178,13 @@ class Dispatcher:
         return self.router.depth(queue_id)
 
     def longest_wait_s(self, queue_id: str) -> float:
-        oldest = min((w.enqueued_at for w in self._calls.values()
-                      if w.queue == queue_id and self.router.is_waiting(w.call_id)), default=None)
-        return 0.0 if oldest is None else max(0.0, self._now() - oldest)
+        """The wait of the oldest call waiting in the queue, callbacks in queue included
+        (they wait in its twin, ``queue_id + CALLBACK_QUEUE_SUFFIX``); 0 when none is.
+        Read from the router's ordered keys: the stats refresh on every queue event must
+        not walk every waiting call."""
+        found = [at for at in (self.router.oldest_enqueued_at(queue_id),
+                               self.router.oldest_enqueued_at(queue_id + CALLBACK_QUEUE_SUFFIX)) if at is not None]
+        return max(0.0, self._now() - min(found)) if found else 0.0
 
     def ewt_s(self, queue_id: str) -> float | None:
         rules = self.rules.get(queue_id)

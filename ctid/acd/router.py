@@ -659,6 +659,23 @@ class Router:
         queue = self._queues.get(queue_id)
         return 0 if queue is None else len(queue.keys)
 
+    def oldest_enqueued_at(self, queue_id: str) -> float | None:
+        """The earliest original ``enqueued_at`` of the calls waiting in a queue (offered
+        calls are not waiting); None when none is. O(groups x log n), not O(n): the
+        queue's order is by (priority, head, enqueued_at, id), so the oldest call of each
+        (priority, head) group is that group's first key, and there are at most 20 groups."""
+        queue = self._queues.get(queue_id)
+        if queue is None or not queue.keys:
+            return None
+        keys = queue.keys
+        oldest = math.inf
+        i = 0
+        while i < len(keys):
+            prio, head, enqueued_at, _ = keys[i]
+            oldest = min(oldest, enqueued_at)
+            i = bisect_left(keys, (prio, head, math.inf, ""), i)  # the next group's first key
+        return oldest
+
     def is_waiting(self, call_id: str) -> bool:
         call = self._calls.get(call_id)
         return call is not None and call.state == _WAITING

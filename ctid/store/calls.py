@@ -9,6 +9,9 @@ again replaces what was stored.
 per table (SQLite and PostgreSQL both have it), in one transaction, so
 repeated or concurrent writes of the same call converge on the last record
 written, with no duplicate rows and no select-then-insert race.
+:meth:`CallStore.upsert_calls` writes a batch of calls the same way, in one
+transaction: one statement per table, executed for every row (``executemany``),
+so the call recorder's flush costs one transaction, not one per call.
 
 Legs are matched by ``(call_id, uniqueid)``. A leg stored earlier but absent
 from a newer record is kept, not deleted: after a reconnect the model may
@@ -21,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 from sqlalchemy import Select, Table, or_, select
@@ -136,19 +140,17 @@ def _leg_row(call_id: str, leg: LegRecord) -> dict[str, Any]:
     return row
 
 
-def _upsert(
-    dialect: str,
-    table: Table,
-    rows: Sequence[Mapping[str, Any]],
-    key: Sequence[str],
-    update: Sequence[str],
-) -> postgresql.Insert | sqlite.Insert:
-    """``INSERT rows ON CONFLICT (key) DO UPDATE SET update = excluded.update``."""
+@cache
+def _upsert(dialect: str, table: Table, key: tuple[str, ...],
+                 update: tuple[str, ...]) -> postgresql.Insert | sqlite.Insert:
+    """``INSERT ON CONFLICT (key) DO UPDATE SET update = excluded.update`` without
+    values, for ``executemany``; built once per dialect and table (the compiled form is
+    then found in SQLAlchemy's cache)."""
     stmt: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
-        stmt = postgresql.insert(table).values(list(rows))
+        stmt = postgresql.insert(table)
     elif dialect == "sqlite":
-        stmt = sqlite.insert(table).values(list(rows))
+        stmt = sqlite.insert(table)
     else:  # create_engine refuses other URLs
         raise NotImplementedError(f"no upsert for dialect {dialect}")
     return stmt.on_conflict_do_update(
@@ -200,29 +202,32 @@ class CallStore:
 
         Idempotent: writing the same record again changes nothing.
         """
+        await self.upsert_calls([record])
+
+    async def upsert_calls(self, records: Sequence[CallRecord]) -> None:
+        """Store every record as :meth:`upsert_call` does, all in one transaction.
+
+        All or nothing: if the database refuses one record, nothing of the batch is
+        stored and the error is raised (write them one by one to find the culprit).
+        The call ids must be distinct. Idempotent, like :meth:`upsert_call`.
+        """
+        if not records:
+            return
+        calls = Call.__table__
+        legs = CallLeg.__table__
+        assert isinstance(calls, Table) and isinstance(legs, Table)
+        leg_rows = [_leg_row(record.call_id, leg) for record in records for leg in record.legs]
         async with self._sessions.begin() as session:
             dialect = (await session.connection()).dialect.name
-            calls = Call.__table__
-            legs = CallLeg.__table__
-            assert isinstance(calls, Table) and isinstance(legs, Table)
+            # The calls first: the legs' foreign key needs them.
             await session.execute(
-                _upsert(
-                    dialect,
-                    calls,
-                    [_call_row(record)],
-                    key=("call_id",),
-                    update=(*_CALL_FIELDS, "data"),
-                )
+                _upsert(dialect, calls, ("call_id",), (*_CALL_FIELDS, "data")),
+                [_call_row(record) for record in records],
             )
-            if record.legs:
+            if leg_rows:
                 await session.execute(
-                    _upsert(
-                        dialect,
-                        legs,
-                        [_leg_row(record.call_id, leg) for leg in record.legs],
-                        key=("call_id", "uniqueid"),
-                        update=_LEG_FIELDS,
-                    )
+                    _upsert(dialect, legs, ("call_id", "uniqueid"), _LEG_FIELDS),
+                    leg_rows,
                 )
 
     async def get_call(self, call_id: str) -> CallRecord | None:
