@@ -603,6 +603,11 @@ class AcdConfig(_Section):
 
     sync_fallback_members: bool = False
     fallback_queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")] = "ctid-fallback"
+    pop_lead_ms: Annotated[int, Field(ge=0, le=1000)] = 20
+    """Milliseconds between the pop's ``publish_and_wait`` and the ring (the Redirect, or a
+    callback's Originate). The broker's PUBACK says it has the pop, not that the agent's
+    desktop has read it: delivery to subscribers can take a few ms more on a busy host.
+    0: ring at once."""
 
 
 class Config(_Section):

@@ -160,6 +160,29 @@ async def test_skills_routed_call_pops_before_the_phone_rings(tmp_path: Path, mq
         validate(event, strict=True)
 
 
+async def test_the_ring_waits_pop_lead_ms_after_the_pop(tmp_path: Path) -> None:
+    sim = make_sim()
+    dials = _record_dials(sim)
+    config = make_config(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", services.free_port())
+    config = config.model_copy(update={"acd": config.acd.model_copy(update={"pop_lead_ms": 300})})
+    try:
+        async with acd(sim, config) as daemon, aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{daemon.api.port}"
+            async with http.ws_connect(f"{base}/ws", headers={"Authorization": f"Bearer {SUPERVISOR}"}) as ws:
+                await ws.send_json({"op": "subscribe", "req_id": 1, "types": ["call.offered"]})
+                assert (await ws.receive_json(timeout=5))["type"] == "ack"
+                await _login(http, base, "1001")
+                chan = sim.inbound_call(dnis="200", caller="+15551230083")
+                pop = await ws.receive_json(timeout=10)
+                popped = time.perf_counter()
+                assert pop["type"] == "call.offered"
+                await until(lambda: "any" in dials, 10)
+                await sim.caller_hangup(chan)
+    finally:
+        await sim.stop()
+    assert dials["any"] - popped >= 0.25, "the agent's phone rang before pop_lead_ms had passed"
+
+
 async def test_rona_pauses_the_agent_and_the_call_goes_to_the_next_agent(tmp_path: Path) -> None:
     sim = make_sim(answering=False)  # 1001 rings and never answers; 1002 answers
     config = make_config(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", services.free_port(), ring_timeout_s=2)

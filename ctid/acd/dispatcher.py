@@ -11,7 +11,8 @@ with the hold-and-redirect pattern of ``dialplans/ctid.conf``:
    ``[ctid-hold]``: music on hold with a FastAGI check-in every ``checkin_s``.
 2. **Offer.** For each :class:`~ctid.acd.router.Offer`: reserve the agent, publish the
    screen pop ``call.offered`` with ``bus.publish_and_wait`` (bounded) **before** the
-   phone rings, then ``Setvar`` the target device, ring timeout and Dial options on the
+   phone rings, wait ``[acd] pop_lead_ms`` (the broker's PUBACK is not the desktop's
+   receipt), then ``Setvar`` the target device, ring timeout and Dial options on the
    caller's channel and ``Redirect`` it to ``[ctid-connect]``, which dials the agent.
 3. **Outcome.** The agent answers: the call model sees the bridge (``call.answered``) and
    the agent goes ``on_call``. No answer, busy or unavailable: ``[ctid-connect]`` sends
@@ -459,6 +460,12 @@ class Dispatcher:
         ewt = self.router.queue_ewt(rules, rules.priority)
         return None if ewt is None else round(ewt, 1)
 
+    async def _pop_lead(self) -> None:
+        """``[acd] pop_lead_ms`` between the pop and the ring (see :class:`AcdConfig`)."""
+        lead = self._config.acd.pop_lead_ms
+        if lead > 0:
+            await asyncio.sleep(lead / 1000)
+
     def _survey_flow(self, queue_id: str) -> str | None:
         for queue in self._config.queues:
             if queue.id == queue_id:
@@ -677,6 +684,7 @@ class Dispatcher:
         await self._bus.publish_and_wait(Event("call.offered", waiting.tenant, self._clock(), pop,
                                                call_id=offer.call_id, agent_id=offer.agent_id,
                                                queue=waiting.queue))
+        await self._pop_lead()
         try:
             variables = [check_originate_variable(name, value) for name, value in (
                 ("__CTID_CALL_ID", attempt), ("CTID_CALLBACK_NUMBER", record.number),
@@ -879,6 +887,7 @@ class Dispatcher:
                       agent_id=offer.agent_id, queue=offer.queue_id)
         # The pop goes out, and is acknowledged by the broker, before the phone rings.
         await self._bus.publish_and_wait(event)
+        await self._pop_lead()
         try:
             channel = waiting.channel
             variables = [("CTID_TARGET", device), ("CTID_RING_TIMEOUT", f"{rules.ring_timeout_s:g}"),
