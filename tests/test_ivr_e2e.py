@@ -377,6 +377,23 @@ async def test_the_callback_node_stores_a_callback_and_releases_the_caller(tmp_p
     assert not watcher.of("call.abandoned")  # the IVR released the call: not an abandon
 
 
+async def test_a_callback_the_dialing_policy_refuses_plays_its_prompt_and_falls_back(tmp_path: Path) -> None:
+    nodes = {"cb": {"type": "callback", "queue": "support", "prompts": ["we-will-call-you"],
+                    "refused_prompts": ["cannot-call-you-back"]}}
+    config = flow_config(sqlite(tmp_path), 1, nodes=nodes, start="cb", line={"fallback_queue": "backup"})
+    async with running(config) as (daemon, sim, watcher, _, _):
+        chan = sim.inbound_call(dnis="300", caller="+442071234567")  # not on [dialing] allowed_prefixes
+        await until(lambda: bool(watcher.of("call.queued")), 15)
+        stored = await daemon.acd.callbacks.open_callbacks()
+        await sim.caller_hangup(chan)
+    assert stored == [] and daemon.acd.callbacks_refused == 1
+    commands = agi_commands(sim)
+    assert any(c.startswith('STREAM FILE "cannot-call-you-back"') for c in commands)
+    assert not any(c.startswith('STREAM FILE "we-will-call-you"') for c in commands)
+    assert watcher.exit()["exit_reason"] == "error"  # type: ignore[index]
+    assert watcher.of("call.queued")[0]["queue"] == "backup"
+
+
 async def test_language_and_set_nodes(tmp_path: Path) -> None:
     nodes = {"lang": {"type": "language", "language": "es", "next": "hi"},
              "hi": {"type": "play", "prompts": ["hola"], "barge_in": False, "next": "bye"},
