@@ -45,7 +45,7 @@ def flow_config(db_url: str, crm_port: int, *, nodes: dict[str, Any] | None = No
                    "on_success": "vip", "on_failure": "agent", "on_timeout": "slow"},
         "slow": {"type": "set", "values": {"crm": "timeout"}, "next": "agent"},
         "vip": {"type": "set", "when": 'tier == "gold"', "otherwise": "agent", "priority": 9,
-                "values": {"note": "gold customer {account}"}, "next": "agent"},
+                "values": {"note": "gold customer {account}", "pin_copy": "pin {pin}"}, "next": "agent"},
         "agent": {"type": "queue", "queue": "support"},
         "bye": {"type": "hangup", "prompts": ["goodbye"]},
         "closed": {"type": "voicemail", "context": "ctid-voicemail", "prompts": ["closed"]},

@@ -312,7 +312,11 @@ class FlowRunner:
             case SetNode():
                 for name, template in node.values.items():
                     run.variables[name] = _render(template, run.variables)
-                    run.sensitive.discard(name)
+                    # A value built from a sensitive one (a PIN) is sensitive too.
+                    if any(ref in run.sensitive for ref in _TEMPLATE_NAME.findall(template)):
+                        run.sensitive.add(name)
+                    else:
+                        run.sensitive.discard(name)
                 if node.priority is not None:
                     run.priority = node.priority
                 return node.next
@@ -588,6 +592,10 @@ class _Scope(Mapping[str, Value]):
         return len(self._run.variables)
 
 
+_TEMPLATE: Final = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_TEMPLATE_NAME: Final = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 def _render(template: str, variables: Mapping[str, Value]) -> str:
     """``{name}`` -> the variable's value (empty when unset); ``{{``/``}}`` are braces."""
     def one(match: re.Match[str]) -> str:
@@ -595,7 +603,7 @@ def _render(template: str, variables: Mapping[str, Value]) -> str:
             return match.group(0)[0]
         value = variables.get(match.group(1))
         return "" if value is None else str(value)
-    return re.sub(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}", one, template)
+    return _TEMPLATE.sub(one, template)
 
 
 def _dig(data: Mapping[str, Any], path: str) -> Value:
