@@ -259,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config is None:
             return EXIT_CONFIG
         print(f"{args.config}: OK ({len(config.tenants)} tenant(s), "
-              f"{len(config.service_lines)} service line(s), {len(config.asterisk)} Asterisk link(s))")
+              f"{len(config.service_lines)} service line(s), {len(config.queues)} queue(s), "
+              f"{len(config.flows)} IVR flow(s), {len(config.asterisk)} Asterisk link(s))")
         return EXIT_OK
     if args.command == "prompts":
         return _prompts(args)

@@ -74,6 +74,7 @@ def errors(result: subprocess.CompletedProcess[str]) -> list[str]:
 def test_a_good_flow_passes(tmp_path: Path) -> None:
     result = check(tmp_path, GOOD)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 queue(s), 1 IVR flow(s)" in result.stdout
 
 
 def test_graph_errors_name_the_flow_and_the_node_in_one_pass(tmp_path: Path) -> None:
