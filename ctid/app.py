@@ -162,7 +162,8 @@ class Daemon:
         first = next(iter(self.links.values()))
         self.acd = Dispatcher(config, client=first.client, model=first.model, agents=self.agents, bus=self.bus,
                               clock=self.clock)
-        self.acd.wire(notifier=self.notifier, stats=self.queue_stats, sessions=self.db.sessions)
+        self.acd.wire(notifier=self.notifier, stats=self.queue_stats, sessions=self.db.sessions,
+                      ivr_variables=self.ivr_store.last_variables)
         # Call control (hold, transfer, click-to-dial, hangup) on the dispatcher's link.
         self.control = CallControl(config, client=first.client, model=first.model, dispatcher=self.acd,
                                    agents=self.agents, bus=self.bus, clock=self.clock,

@@ -20,6 +20,7 @@ from ctid.calls import CHANNELVARS
 from ctid.config import Config, parse
 from ctid.events.contract import validate
 from ctid.simulator import Simulator
+from tests import services
 from tests.test_acd_e2e import DIALPLAN, SECRET, SUPERVISOR, _login, acd, make_sim, until
 from tests.test_events_bus import fresh_pg_database  # noqa: F401 - a fixture
 
@@ -305,6 +306,34 @@ async def test_a_runtime_flow_error_sends_the_call_to_the_lines_fallback_queue(t
     [queued] = watcher.of("call.queued")
     assert queued["queue"] == "backup"
     assert daemon.ivr.errors == 1
+
+
+async def test_a_restarted_ctid_gives_a_recovered_call_its_ivr_variables_back(tmp_path: Path) -> None:
+    nodes = {"account": {"type": "input", "prompts": ["enter-account"], "variable": "account", "min_length": 4,
+                         "max_length": 8, "next": "agent", "on_fail": "agent"},
+             "agent": {"type": "queue", "queue": "support"}}
+    config = flow_config(sqlite(tmp_path), 1, nodes=nodes, start="account")
+    config = config.model_copy(update={"agi": config.agi.model_copy(update={"port": services.free_port()})})
+    sim = make_sim(scale=0.2)  # check-ins every 1 s simulated = 0.2 s
+    watcher = Watcher()
+    try:
+        async with acd(sim, config) as first:
+            chan = sim.inbound_call(dnis="300", caller=NUMBER, dtmf="4711#", dtmf_after=0.5)
+            await until(lambda: first.acd.router.depth("support") == 1, 15)
+            call_id = chan.variables["__CTID_CALL_ID"]
+            await until(lambda: first.ivr_store.written >= 1, 5)
+        async with acd(sim, config) as second, aiohttp.ClientSession() as http:  # same database
+            base = f"http://127.0.0.1:{second.api.port}"
+            await watcher.start(http, base)
+            await until(lambda: second.acd.waiting(call_id) is not None, 10)
+            await _login(http, base, "1001")
+            await until(lambda: bool(watcher.of("call.offered")), 15)
+            await sim.caller_hangup(chan)
+            await watcher.stop()
+    finally:
+        await sim.stop()
+    [offered] = watcher.of("call.offered")
+    assert offered["call_id"] == call_id and offered["data"]["ivr"] == {"account": "4711"}
 
 
 # -- the other nodes -------------------------------------------------------------------

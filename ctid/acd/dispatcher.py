@@ -101,7 +101,7 @@ import contextlib
 import dataclasses
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -143,6 +143,9 @@ AHT_WINDOW: Final = 200
 DEVICE_BUSY: Final = frozenset({"INUSE", "BUSY", "RINGINUSE", "ONHOLD"})
 DEVICE_IDLE: Final = frozenset({"NOT_INUSE"})
 CALLBACK_CONTEXT: Final = "ctid-callback"
+RECOVER_IVR_TIMEOUT_S: Final = 0.5
+"""Bound on reading a recovered call's IVR variables from the database at its check-in."""
+IVRVariables = Callable[[str], Awaitable[Mapping[str, Any] | None]]
 CALLBACK_QUEUE_SUFFIX: Final = "~callback"
 """Callbacks wait in the router in a twin of their queue (same requirement, policy and
 relaxation, no overflow, max wait or sticky hold): ``<queue id>~callback``."""
@@ -225,6 +228,7 @@ class Dispatcher:
         self._attempts: dict[str, str] = {}  # an attempt's call id -> its callback id
         self.callbacks_refused = 0
         self._surveyed: set[str] = set()  # calls whose channel has CTID_AFTER=survey
+        self._ivr_variables: IVRVariables | None = None
 
     def _now(self) -> float:
         return self._clock().timestamp()
@@ -236,10 +240,14 @@ class Dispatcher:
         await self.load_callbacks()
 
     def wire(self, *, notifier: CallNotifier | None = None, stats: QueueStatsFeed | None = None,
-             sessions: async_sessionmaker[AsyncSession] | None = None) -> None:
+             sessions: async_sessionmaker[AsyncSession] | None = None,
+             ivr_variables: IVRVariables | None = None) -> None:
         """Attach the parts the app owns: the notifier gets the short-abandon thresholds,
-        the ``queue.stats`` feed reads this dispatcher's figures, and the sticky history
-        queries the call records through ``sessions``."""
+        the ``queue.stats`` feed reads this dispatcher's figures, the sticky history
+        queries the call records through ``sessions``, and ``ivr_variables(call_id)``
+        gives a recovered call back the variables its IVR collected (for its pop)."""
+        if ivr_variables is not None:
+            self._ivr_variables = ivr_variables
         if notifier is not None:
             notifier.set_short_abandon(self.short_abandon_s)
         if stats is not None:
@@ -811,10 +819,26 @@ class Dispatcher:
             enqueued_at = float(enqueued)
         except ValueError:
             enqueued_at = self._now()
+        await self._recover_ivr(call_id)
         self.enqueue(call_id, queue_id, tenant or self.rules[queue_id].tenant, session.channel or "",
                       int(prio), enqueued_at, reason="recovered")
         log.info("acd.recovered", call_id=call_id, queue=queue_id)
         return self._calls.get(call_id)
+
+    async def _recover_ivr(self, call_id: str) -> None:
+        """The IVR's variables of a recovered call, from its stored flow run (bounded: the
+        check-in must stay short; without them the pop's ``ivr`` is empty)."""
+        if self._ivr_variables is None or self._model.get(call_id) is None:
+            return
+        try:
+            async with asyncio.timeout(RECOVER_IVR_TIMEOUT_S):
+                variables = await self._ivr_variables(call_id)
+        except Exception as exc:  # the database is slow or down
+            log.warning("acd.recover_ivr_failed", call_id=call_id, reason=f"{type(exc).__name__}: {exc}")
+            return
+        if variables:
+            with contextlib.suppress(LookupError):
+                self._model.annotate(call_id, data={"ivr": variables})
 
     # -- decisions ---------------------------------------------------------------------
 

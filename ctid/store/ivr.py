@@ -131,6 +131,17 @@ class IVRStore:
                                            .order_by(IVRSession.id))
             return list(result.scalars())
 
+    async def last_variables(self, call_id: str) -> dict[str, Any] | None:
+        """The public variables of the call's latest flow run (None: no run stored): what
+        a restarted ctid puts back on the pop of a call it recovers from ``[ctid-hold]``."""
+        if self._sessions is None:
+            return None
+        async with self._sessions() as session:
+            result = await session.execute(select(IVRSession.variables).where(IVRSession.call_id == call_id)
+                                           .order_by(IVRSession.id.desc()).limit(1))
+            row = result.scalar_one_or_none()
+        return dict(row) if isinstance(row, Mapping) else None
+
     async def surveys_for(self, call_id: str) -> dict[str, int]:
         assert self._sessions is not None
         async with self._sessions() as session:
