@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import signal
 import sys
@@ -58,8 +57,8 @@ from typing import Any
 
 import aiohttp
 import aiomqtt
+from children import die_with_parent  # bench/children.py
 
-_PR_SET_PDEATHSIG = 1
 OFFERED = b'"type":"call.offered"'
 
 
@@ -217,13 +216,6 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack, got
             return 0
         else:
             say({"error": f"unknown command {command!r}"})
-
-
-def die_with_parent() -> None:
-    """Linux: SIGKILL when the parent dies, so a crashed bench leaves no receiver behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def main() -> None:

@@ -78,7 +78,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import gc
 import hashlib
 import json
@@ -86,7 +85,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -102,6 +100,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
+from children import die_with_parent  # noqa: E402  (bench/children.py)
 
 from ctid import logs  # noqa: E402
 from ctid.app import Daemon  # noqa: E402
@@ -807,12 +806,6 @@ def _count_log_events(path: Path) -> tuple[dict[str, int], dict[str, str]]:
                     counts[name] = counts.get(name, 0) + 1
                     examples.setdefault(name, line.strip())
     return counts, examples
-
-
-def die_with_parent() -> None:
-    """Linux: the simulator child gets SIGKILL when the bench dies (as the receivers do)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
 
 
 def main() -> None:

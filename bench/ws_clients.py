@@ -43,7 +43,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import ctypes
 import hashlib
 import json
 import math
@@ -57,11 +56,12 @@ import time
 from array import array
 from typing import Any
 
+from children import die_with_parent  # bench/children.py
+
 MSS = 1460
 SEQ_PREFIX = b'{"v":1,"seq":'
 _SEQ_AT = len(SEQ_PREFIX)
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_PR_SET_PDEATHSIG = 1
 NAN = math.nan
 
 
@@ -300,13 +300,6 @@ async def serve(args: argparse.Namespace) -> int:
         else:
             say({"error": f"unknown command {command!r}"})
     return 0
-
-
-def die_with_parent() -> None:
-    """Linux: SIGKILL when the parent dies, so a crashed bench leaves no fleet behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def main() -> None:
