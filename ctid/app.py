@@ -616,10 +616,7 @@ class Daemon:
             return
         queue_id = call.data.get("queue")
         agent_id = call.data.get("agent_id")
-        flow_id = None
-        for queue in self.config.queues:
-            if queue.id == queue_id:
-                flow_id = queue.survey_flow
+        flow_id = self.acd.survey_flow(queue_id) if isinstance(queue_id, str) else None
         if flow_id is None:
             log.warning("ivr.survey_no_flow", call_id=call_id, queue=queue_id)
             return

@@ -128,7 +128,7 @@ from ctid.asterisk.safety import (
     e164_or_none,
 )
 from ctid.calls import Call, CallChange, CallModel, CallState, CallStateError, ChangeKind, HangupBy, Role
-from ctid.config import CallbackConfig, Config
+from ctid.config import CallbackConfig, Config, QueueConfig
 from ctid.events.bus import EventBus
 from ctid.events.calls import CallNotifier, call_data, queue_wait_s
 from ctid.events.queues import QueueStatsFeed
@@ -400,7 +400,7 @@ class Dispatcher:
         """Position and EWT, at most every ``announce_every_s`` per caller: "you are next" /
         "there are N calls waiting", "the estimated hold time is N minutes" (app_queue's
         sounds). A key or a Redirect (the offer) cuts it short; failures are ignored."""
-        config = next((q for q in self._config.queues if q.id == waiting.queue), None)
+        config = self._queue_config(waiting.queue)
         now = self._now()
         if config is None or not config.announce or now - waiting.announced_at < config.announce_every_s:
             return
@@ -474,10 +474,15 @@ class Dispatcher:
         if lead > 0:
             await asyncio.sleep(lead / 1000)
 
-    def _survey_flow(self, queue_id: str) -> str | None:
+    def survey_flow(self, queue_id: str) -> str | None:
+        """The queue's post-call survey flow (None: no survey, or an unknown queue)."""
+        queue = self._queue_config(queue_id)
+        return None if queue is None else queue.survey_flow
+
+    def _queue_config(self, queue_id: str) -> QueueConfig | None:
         for queue in self._config.queues:
             if queue.id == queue_id:
-                return queue.survey_flow
+                return queue
         return None
 
     async def callback_from_ivr(self, call_id: str, tenant: str, queue_id: str, number: str,
@@ -514,10 +519,8 @@ class Dispatcher:
     # -- callback in queue -----------------------------------------------------------------
 
     def _callback_config(self, queue_id: str) -> CallbackConfig | None:
-        for queue in self._config.queues:
-            if queue.id == queue_id:
-                return queue.callback
-        return None
+        queue = self._queue_config(queue_id)
+        return None if queue is None else queue.callback
 
     def _callback_rules(self, queue_id: str) -> QueueRules:
         rules = self._cb_rules.get(queue_id)
@@ -918,7 +921,7 @@ class Dispatcher:
                          ("CTID_DIAL_OPTS", "t")]
             # Post-call survey: set for a queue with one, cleared when a call that had it
             # moves to a queue without (one Setvar fewer for every other offer).
-            if self._survey_flow(offer.queue_id) is not None:
+            if self.survey_flow(offer.queue_id) is not None:
                 variables.append(("CTID_AFTER", "survey"))
                 self._surveyed.add(offer.call_id)
             elif offer.call_id in self._surveyed:
