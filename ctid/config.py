@@ -881,7 +881,7 @@ class ConfigError(Exception):
 def _dotted(loc: tuple[int | str, ...]) -> str:
     out = ""
     for i, part in enumerate(loc):
-        if i >= 4 and loc[0] == "flows" and loc[2] == "nodes" and i == 4 and isinstance(part, str):
+        if i == 4 and loc[0] == "flows" and loc[2] == "nodes":
             continue  # pydantic's tag of the node-type union: flows.<id>.nodes.<node>.<type>.field
         if isinstance(part, int):
             out += f"[{part}]"
