@@ -166,7 +166,7 @@ class IVRRun:
             "exit_reason": self.exit.reason, "exit_node": self.exit.node,
             "error": self.exit.error,
             "steps": [s.as_json() for s in self.steps],
-            "variables": {k: v for k, v in self.public_variables().items()},
+            "variables": self.public_variables(),
         }
 
 
@@ -257,7 +257,7 @@ class FlowRunner:
                  steps=len(run.steps))
         if self._model is not None and self._model.get(run.call_id) is not None:
             with contextlib.suppress(LookupError):
-                self._model.annotate(run.call_id, data={"ivr": dict(run.public_variables())})
+                self._model.annotate(run.call_id, data={"ivr": run.public_variables()})
         if self._record is not None:
             self._record(run)
 
